@@ -1,0 +1,98 @@
+"""Engine configuration: one typed dataclass, a docstring per field (the CLI turns them into --help)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+           "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "half": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    model: str = "default"
+    """A local Hugging Face directory, a dummy preset name (llama-3-8b, ...), or 'default' (built-in tiny model)."""
+    load_format: str = "auto"
+    """'auto' (safetensors from the directory; random weights for presets), 'safetensors', or 'dummy'."""
+    tokenizer: str | None = None
+    """Tokenizer directory; defaults to the model directory, or the built-in tokenizer for presets."""
+    dtype: str = "auto"
+    """'auto' (bfloat16 on GPU, float32 on CPU), 'bfloat16', 'float16' or 'float32'."""
+    device: str = "auto"
+    """'auto' (cuda when available), 'cuda', 'cuda:N' or 'cpu'."""
+    seed: int = 0
+    """Seed of dummy weights and of unseeded sampling."""
+    max_model_len: int | None = None
+    """Longest prompt + output in tokens; defaults to the model's max_position_embeddings."""
+    max_num_batched_tokens: int | None = None
+    """Token budget of one dense batch (decode tokens + prefill chunks); default 2048 on GPU, 512 on CPU."""
+    max_num_seqs: int = 1024
+    """Most requests running at once."""
+    block_size: int = 16
+    """Tokens per KV-cache block."""
+    num_kv_blocks: int | None = None
+    """KV blocks to allocate; default from gpu_memory_utilization on GPU, cpu_kv_cache_gb on CPU."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of GPU memory for weights + activations + KV cache."""
+    cpu_kv_cache_gb: float = 1.0
+    """KV-cache size on CPU, in GiB."""
+    kv_admission_ratio: float = 1.0
+    """Admit a waiting request while the projected KV use of all running requests (prompt + max_tokens)
+    stays under this fraction of the cache. Above 1.0 overcommits and relies on preemption."""
+    use_triton: str = "auto"
+    """'auto' (Triton kernels on CUDA), 'on' or 'off' (torch reference kernels)."""
+    enforce_eager: bool = False
+    """Disable CUDA graphs."""
+    async_scheduling: bool = True
+    """Form step i+1 on the CPU while the GPU runs step i (CUDA only)."""
+    plan: str = "sequential"
+    """Pipeline plan: 'sequential', 'auto' (cached plan from `nanoflow tune`), or a plan JSON file."""
+    max_waiting_requests: int = 100_000
+    """Bound of the waiting queue; add_request raises QueueFullError past it."""
+
+    def __post_init__(self) -> None:
+        if self.load_format not in ("auto", "safetensors", "dummy"):
+            raise ValueError(f"load_format must be auto, safetensors or dummy, got {self.load_format!r}")
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.use_triton not in ("auto", "on", "off"):
+            raise ValueError(f"use_triton must be auto, on or off, got {self.use_triton!r}")
+        for name in ("max_num_batched_tokens", "max_model_len", "num_kv_blocks"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.max_num_seqs <= 0:
+            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_admission_ratio <= 0:
+            raise ValueError(f"kv_admission_ratio must be positive, got {self.kv_admission_ratio}")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_dtype(self, device: torch.device, model_dtype: str | None = None) -> torch.dtype:
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        if device.type == "cpu":
+            return torch.float32
+        return _DTYPES.get(model_dtype or "bfloat16", torch.bfloat16) if model_dtype != "float32" else torch.bfloat16
+
+    def resolved_token_budget(self, device: torch.device) -> int:
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        return 2048 if device.type == "cuda" else 512
+
+    def replace(self, **changes) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def config_fields() -> list[dataclasses.Field]:
+    """The fields of EngineConfig with their docstrings attached (for the CLI)."""
+    return list(dataclasses.fields(EngineConfig))

@@ -1,0 +1,1 @@
+"""The serving engine: requests, paged KV cache, dense-batch scheduler, runner, step loop."""

@@ -1,0 +1,243 @@
+"""LLMEngine: add requests, step the dense batch, collect outputs.
+
+One step = schedule (CPU) -> forward + sample (device) -> update requests (CPU). Not thread-safe:
+one thread calls add_request / abort_request / step (the server runs them on its engine thread)."""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from nanoflow.config import EngineConfig
+from nanoflow.engine.detokenizer import IncrementalDetokenizer, check_stop_token
+from nanoflow.engine.kv_cache import KVCacheManager
+from nanoflow.engine.request import Request, RequestStatus
+from nanoflow.engine.runner import ModelRunner, choose_num_blocks
+from nanoflow.engine.sampler import Sampler, SamplingBatch, make_generator
+from nanoflow.engine.scheduler import Scheduler, SchedulerConfig
+from nanoflow.kernels import select_kernels
+from nanoflow.models.loader import load_model, load_tokenizer
+from nanoflow.outputs import CompletionOutput, Logprob, RequestOutput
+from nanoflow.sampling_params import SamplingParams
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at EngineConfig.max_waiting_requests; retry later."""
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    last_step_time_s: float
+    num_steps: int
+
+
+@dataclass
+class _SeqState:
+    """Engine-side extras of one sequence."""
+    detokenizer: IncrementalDetokenizer | None
+    generator: torch.Generator | None
+    logprobs: list[dict[int, Logprob]] | None
+    cumulative_logprob: float = 0.0
+
+
+@dataclass
+class _Group:
+    """A user request: its n sequences."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Request] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, stream_text: bool = True):
+        """stream_text: keep each output's text current every step (for streaming); otherwise text is
+        decoded when a sequence finishes (cheaper for offline batches), except for stop strings."""
+        self.config = config or EngineConfig()
+        self.stream_text = stream_text
+        self.device = self.config.resolved_device()
+        torch.manual_seed(self.config.seed)
+        self.model, self.source = load_model(self.config, self.device, self._dtype())
+        self.model_config = self.source.model_config
+        self.model.kernels = select_kernels(self.config.use_triton, self.device)
+        self.tokenizer = load_tokenizer(self.source)
+        self.max_model_len = self.config.max_model_len or self.model_config.max_position_embeddings
+        self.eos_token_ids = self._eos_ids()
+        token_budget = self.config.resolved_token_budget(self.device)
+        num_blocks = self.config.num_kv_blocks or choose_num_blocks(
+            self.model, self.config.block_size, self.device, self.config.gpu_memory_utilization,
+            self.config.cpu_kv_cache_gb, self.config.max_num_seqs)
+        self.kv = KVCacheManager(num_blocks, self.config.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(token_budget, self.config.max_num_seqs, self.config.kv_admission_ratio), self.kv)
+        self.runner = ModelRunner(self.model, self.kv, token_budget)
+        self.sampler = Sampler(self.eos_token_ids, seed=self.config.seed)
+        self._groups: dict[str, _Group] = {}
+        self._arrivals = itertools.count()
+        self.step_times: list[tuple[float, float, int]] = []
+        """(start_s, end_s, num_tokens) of every step, for benchmarks."""
+
+    def _dtype(self) -> torch.dtype:
+        from nanoflow.models.loader import resolve_model_source
+        model_dtype = resolve_model_source(self.config).model_config.torch_dtype
+        return self.config.resolved_dtype(self.device, model_dtype)
+
+    def _eos_ids(self) -> list[int]:
+        ids = list(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(self.tokenizer.eos_token_id)
+        return ids
+
+    # ---- requests -------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self._groups:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
+            raise QueueFullError(f"waiting queue is full ({self.config.max_waiting_requests} requests)")
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        self._check_prompt(ids)
+        room = self.max_model_len - len(ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        group = _Group(request_id, text, ids)
+        for i in range(params.n):
+            seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            seq = Request(seq_id, ids, params, max_tokens, next(self._arrivals))
+            seed = None if params.seed is None else params.seed + i
+            detok = IncrementalDetokenizer(self.tokenizer, ids, params) if (self.stream_text or params.stop) else None
+            seq.engine_state = _SeqState(
+                detokenizer=detok,
+                generator=None if seed is None else make_generator(seed, self.device),
+                logprobs=[] if params.logprobs is not None else None)
+            group.seqs.append(seq)
+        capacity = self.kv.pool.num_blocks * self.kv.block_size
+        if len(ids) + max_tokens > capacity:
+            raise ValueError(f"request needs {len(ids) + max_tokens} tokens of KV cache; the cache holds "
+                             f"{capacity}: lower max_tokens")
+        self._groups[request_id] = group
+        for seq in group.seqs:
+            self.scheduler.add(seq)
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; this model's maximum context length is "
+                             f"{self.max_model_len} tokens (prompt + at least one output token)")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+
+    def abort_request(self, request_id: str) -> None:
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return
+        for seq in group.seqs:
+            if not seq.status.finished:
+                self.scheduler.finish(seq, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        start = time.perf_counter()
+        batch = self.runner.build_batch(sched)
+        logits = self.runner.forward(batch)
+        sampling = [r for r, n in sched.scheduled if r.num_computed_tokens + n == r.num_tokens]
+        out = self.sampler(logits, SamplingBatch(
+            params=[r.params for r in sampling],
+            prompt_token_ids=[r.prompt_token_ids for r in sampling],
+            output_token_ids=[r.output_token_ids for r in sampling],
+            generators=[r.engine_state.generator for r in sampling]))
+        token_ids = out.token_ids.tolist()  # the one sync of the step
+        for r, n in sched.scheduled:
+            r.num_computed_tokens += n
+        chosen_lp = out.logprobs.tolist() if out.logprobs is not None else None
+        top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None
+        touched: dict[str, _Group] = {}
+        for i, (seq, token) in enumerate(zip(sampling, token_ids)):
+            self._append_token(seq, token, i, chosen_lp, top_lp, top_ids)
+            parent = self._parent_id(seq)
+            if parent in self._groups:
+                touched[parent] = self._groups[parent]
+        self.step_times.append((start, time.perf_counter(), sched.num_tokens))
+        return [self._make_output(g) for g in touched.values()]
+
+    def _append_token(self, seq: Request, token: int, row: int, chosen_lp, top_lp, top_ids) -> None:
+        st: _SeqState = seq.engine_state
+        seq.output_token_ids.append(token)
+        if st.logprobs is not None:
+            k = seq.params.logprobs or 0
+            entry = {token: Logprob(chosen_lp[row])}
+            for rank, (tid, lp) in enumerate(zip(top_ids[row][:k], top_lp[row][:k]), start=1):
+                if tid == token:
+                    entry[token].rank = rank
+                else:
+                    entry[tid] = Logprob(lp, rank)
+            st.logprobs.append(entry)
+            st.cumulative_logprob += chosen_lp[row]
+        stop_by_token = check_stop_token(token, seq.params, self.eos_token_ids, len(seq.output_token_ids))
+        stop_str = st.detokenizer.append([token], stopped_by_token=stop_by_token is not None) \
+            if st.detokenizer is not None else None
+        if stop_by_token is not None:
+            seq.stop_reason = token if token in seq.params.stop_token_ids else None
+            self.scheduler.finish(seq, RequestStatus.FINISHED_STOPPED)
+        elif stop_str is not None:
+            seq.stop_reason = stop_str
+            self.scheduler.finish(seq, RequestStatus.FINISHED_STOPPED)
+        elif len(seq.output_token_ids) >= seq.max_tokens:
+            self.scheduler.finish(seq, RequestStatus.FINISHED_LENGTH)
+
+    @staticmethod
+    def _parent_id(seq: Request) -> str:
+        return seq.request_id.rsplit("#", 1)[0] if seq.params.n > 1 else seq.request_id
+
+    def _make_output(self, group: _Group) -> RequestOutput:
+        outputs = []
+        for i, seq in enumerate(group.seqs):
+            st: _SeqState = seq.engine_state
+            finished = seq.status.finished
+            if st.detokenizer is not None:
+                text = st.detokenizer.output_text if finished else st.detokenizer.visible_text
+            elif finished:
+                text = self._decode_final(seq)
+            else:
+                text = ""
+            outputs.append(CompletionOutput(
+                index=i, text=text, token_ids=list(seq.output_token_ids),
+                cumulative_logprob=st.cumulative_logprob if st.logprobs is not None else None,
+                logprobs=st.logprobs, finish_reason=seq.status.value if finished else None,
+                stop_reason=seq.stop_reason))
+        done = all(s.status.finished for s in group.seqs)
+        if done:
+            self._groups.pop(group.request_id, None)
+        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outputs, done)
+
+    def _decode_final(self, seq: Request) -> str:
+        ids = seq.output_token_ids
+        if seq.status == RequestStatus.FINISHED_STOPPED and not seq.params.include_stop_str_in_output \
+                and ids and (ids[-1] in self.eos_token_ids or ids[-1] in seq.params.stop_token_ids):
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids, skip_special_tokens=seq.params.skip_special_tokens)
+
+    # ---- introspection --------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        last = self.step_times[-1][1] - self.step_times[-1][0] if self.step_times else 0.0
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting),
+                           self.kv.pool.num_used, self.kv.pool.num_blocks, last, len(self.step_times))
+
+    def check_kv_invariant(self) -> None:
+        self.scheduler.check_invariants()

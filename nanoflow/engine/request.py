@@ -1,0 +1,67 @@
+"""A request's state through its life: waiting, running (maybe preempted and recomputed), finished."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from nanoflow.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+                        RequestStatus.FINISHED_ABORTED)
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence. A user request with n > 1 becomes n of these sharing a parent id."""
+    request_id: str
+    """Unique sequence id (parent id, or 'parent#i' for n > 1)."""
+    prompt_token_ids: list[int]
+    """The prompt."""
+    params: SamplingParams
+    """Sampling options."""
+    max_tokens: int
+    """Output tokens allowed (max_tokens resolved against the context limit)."""
+    arrival: int
+    """Monotonic arrival number: lower is older (admission order, preemption victim choice)."""
+    output_token_ids: list[int] = field(default_factory=list)
+    """Generated tokens so far."""
+    num_computed_tokens: int = 0
+    """Tokens whose K/V are in the cache (prompt and outputs alike: preemption recomputes both)."""
+    status: RequestStatus = RequestStatus.WAITING
+    """Where the request is."""
+    stop_reason: int | str | None = None
+    """The stop token or string that finished it."""
+    num_preemptions: int = 0
+    """How often it lost its KV blocks."""
+    engine_state: Any = None
+    """Engine-side per-request extras (detokenizer, generator, logprobs); opaque here."""
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def max_total_tokens(self) -> int:
+        """Tokens the request can hold at its end: the projection used for admission."""
+        return len(self.prompt_token_ids) + self.max_tokens
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        p = len(self.prompt_token_ids)
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        return (self.prompt_token_ids + self.output_token_ids)[start:end]

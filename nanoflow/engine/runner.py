@@ -1,0 +1,96 @@
+"""Model runner: owns the model, the KV-cache tensors and the step workspace; turns a scheduled batch
+into device tensors, runs the layers through the pipeline executor, and returns logits."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from nanoflow.engine.forward_batch import ForwardBatch
+from nanoflow.engine.kv_cache import KVCacheManager
+from nanoflow.engine.scheduler import SchedulerOutput
+from nanoflow.models.llama import LlamaForCausalLM, StepState
+from nanoflow.pipeline.executor import SequentialExecutor
+
+# Room left for logits and sampler temporaries when sizing the KV cache on a GPU.
+_ACTIVATION_RESERVE_BYTES = 1 << 30
+
+
+def kv_block_bytes(model: LlamaForCausalLM, block_size: int) -> int:
+    cfg = model.config
+    elem = torch.empty((), dtype=model.dtype).element_size()
+    return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+
+
+def choose_num_blocks(model: LlamaForCausalLM, block_size: int, device: torch.device,
+                      gpu_memory_utilization: float, cpu_kv_cache_gb: float, max_num_seqs: int) -> int:
+    per_block = kv_block_bytes(model, block_size)
+    if device.type != "cuda":
+        return max(1, int(cpu_kv_cache_gb * (1 << 30)) // per_block)
+    free, total = torch.cuda.mem_get_info(device)
+    used = total - free
+    logits_bytes = 4 * max_num_seqs * model.config.vocab_size * 4  # logits and a few softmax copies
+    budget = total * gpu_memory_utilization - used - logits_bytes - _ACTIVATION_RESERVE_BYTES
+    if budget < per_block:
+        raise ValueError("no GPU memory left for the KV cache: lower max_num_seqs or raise "
+                         "gpu_memory_utilization")
+    return int(budget // per_block)
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, kv: KVCacheManager, token_budget: int, executor=None):
+        self.model = model
+        self.kv = kv
+        self.device = model.device
+        self.block_size = kv.block_size
+        cfg = model.config
+        shape = (kv.pool.num_blocks, kv.block_size, cfg.num_key_value_heads, cfg.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=model.dtype, device=self.device),
+                           torch.zeros(shape, dtype=model.dtype, device=self.device))
+                          for _ in range(cfg.num_hidden_layers)]
+        self.workspace = model.new_workspace(token_budget)
+        self.executor = executor or SequentialExecutor()
+
+    def build_batch(self, sched: SchedulerOutput) -> ForwardBatch:
+        """Host-side batch assembly (numpy), then one copy per tensor to the device."""
+        reqs = [r for r, _ in sched.scheduled]
+        counts = np.array([n for _, n in sched.scheduled], dtype=np.int64)
+        starts = np.array([r.num_computed_tokens for r in reqs], dtype=np.int64)
+        qsl = np.zeros(len(reqs) + 1, dtype=np.int64)
+        np.cumsum(counts, out=qsl[1:])
+        num_tokens = int(qsl[-1])
+        seq_lens = starts + counts
+        # Position of every row: its request's start + offset within the request's chunk.
+        row_req = np.repeat(np.arange(len(reqs)), counts)
+        positions = starts[row_req] + (np.arange(num_tokens) - qsl[row_req])
+        input_ids = np.concatenate([np.asarray(r.token_slice(s, s + n), dtype=np.int64)
+                                    for r, s, n in zip(reqs, starts.tolist(), counts.tolist())])
+        tables = [self.kv.block_ids(r.request_id) for r in reqs]
+        width = max(len(t) for t in tables)
+        block_tables = np.zeros((len(reqs), width), dtype=np.int32)
+        for i, t in enumerate(tables):
+            block_tables[i, :len(t)] = t
+        slot_mapping = (block_tables[row_req, positions // self.block_size].astype(np.int64)
+                        * self.block_size + positions % self.block_size)
+        samples = np.array([s + n == r.num_tokens for r, s, n in zip(reqs, starts.tolist(), counts.tolist())])
+        logits_indices = qsl[1:][samples] - 1
+        to_dev = lambda a, dt: torch.from_numpy(a).to(device=self.device, dtype=dt, non_blocking=True)  # noqa: E731
+        return ForwardBatch(
+            input_ids=to_dev(input_ids, torch.long),
+            positions=to_dev(positions, torch.long),
+            slot_mapping=to_dev(slot_mapping, torch.long),
+            block_tables=to_dev(block_tables, torch.int32),
+            seq_lens=to_dev(seq_lens, torch.int32),
+            query_start_loc=to_dev(qsl, torch.int32),
+            query_start_loc_cpu=qsl.tolist(),
+            num_decode=sched.num_decode,
+            logits_indices=to_dev(logits_indices, torch.long),
+        )
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Runs the model on the batch; returns fp32 logits of the rows in batch.logits_indices."""
+        state = StepState(batch, self.workspace, self.kv_caches)
+        self.model.embed(state)
+        for layer in self.model.layers:
+            self.executor.run_layer(layer.ops, state, batch.num_tokens)
+        return self.model.compute_logits(state)

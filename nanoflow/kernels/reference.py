@@ -1,0 +1,122 @@
+"""Plain-torch reference implementations of every kernel the model calls.
+
+These define the *function* each Triton kernel must compute; tests compare the two. They run on any
+device and are the CPU path. Shapes: T tokens in the step, R requests, Hq query heads, Hk KV heads,
+D head dim. The paged KV cache of one layer is a pair of tensors [num_blocks, block_size, Hk, D].
+"""
+from __future__ import annotations
+
+import torch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in fp32, cast back to x's dtype (as transformers' LlamaRMSNorm does)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (rms_norm(x + residual), x + residual). The sum is the new residual stream."""
+    new_residual = x + residual
+    return rms_norm(new_residual, weight, eps), new_residual
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x is [T, 2I] = [gate | up]; returns silu(gate) * up, [T, I]."""
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """Neox-style (rotate-half) rotary embedding. x [T, H, D]; cos_sin [max_pos, D] = [cos | sin] halves."""
+    half = x.shape[-1] // 2
+    cs = cos_sin[positions].unsqueeze(1)  # [T, 1, D]
+    cos, sin = cs[..., :half].float(), cs[..., half:].float()
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x.dtype)
+
+
+def rope_and_cache_write(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """Rotates q and k, writes rotated k and v into the paged cache at slot_mapping
+    (slot = block * block_size + offset). Returns rotated q [T, Hq, D]."""
+    q_rot = apply_rope(q, positions, cos_sin)
+    k_rot = apply_rope(k, positions, cos_sin)
+    num_blocks, block_size = k_cache.shape[:2]
+    k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slot_mapping] = k_rot.to(k_cache.dtype)
+    v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slot_mapping] = v.to(v_cache.dtype)
+    return q_rot
+
+
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` cached rows of one request, [length, Hk, D]."""
+    block_size = cache.shape[1]
+    num_blocks = (length + block_size - 1) // block_size
+    return cache[block_table[:num_blocks].long()].flatten(0, 1)[:length]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, q_start: int) -> torch.Tensor:
+    """Causal attention of q [Lq, Hq, D] at positions q_start.. over k, v [Lk, Hk, D] (GQA by repeat)."""
+    group = q.shape[1] // k.shape[1]
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), kf) * scale
+    q_pos = torch.arange(q_start, q_start + q.shape[0], device=q.device)
+    k_pos = torch.arange(k.shape[0], device=q.device)
+    scores = scores.masked_fill(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, vf).to(q.dtype)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per request. q [R, Hq, D]; block_tables [R, max_blocks] int32;
+    seq_lens [R] = context length including the current token. Returns [R, Hq, D]."""
+    out = torch.empty_like(q)
+    lens = seq_lens.tolist()
+    for r, length in enumerate(lens):
+        k = _gather_context(k_cache, block_tables[r], length)
+        v = _gather_context(v_cache, block_tables[r], length)
+        out[r] = _attend(q[r : r + 1], k, v, scale, length - 1)[0]
+    return out
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Chunked prefill over the paged cache: request r owns query rows
+    query_start_loc[r]:query_start_loc[r+1], which sit at the last positions of its seq_lens[r]
+    context (earlier context was cached by previous steps). q [T, Hq, D] -> [T, Hq, D]."""
+    out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for r, length in enumerate(lens):
+        lo, hi = starts[r], starts[r + 1]
+        k = _gather_context(k_cache, block_tables[r], length)
+        v = _gather_context(v_cache, block_tables[r], length)
+        out[lo:hi] = _attend(q[lo:hi], k, v, scale, length - (hi - lo))
+    return out

@@ -1,0 +1,265 @@
+"""The Llama family (Llama 2/3/3.1, Mistral, Qwen2) as one implementation.
+
+Each decoder layer is a list of Ops (nanoflow.pipeline.ops) working on rows lo:hi of a shared
+workspace, so the pipeline executor can cut the dense batch into nano-batches per op. Weights are
+fused (qkv, gate_up); load_weights maps Hugging Face names onto them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from nanoflow.engine.forward_batch import ForwardBatch
+from nanoflow.kernels import reference as ref_kernels
+from nanoflow.models.config import ModelConfig
+from nanoflow.models.rope import build_cos_sin_cache
+from nanoflow.pipeline.ops import Op, Resource, RowScope
+
+
+class Workspace:
+    """Per-step activations, allocated once for the token budget; ops write row slices of them."""
+
+    def __init__(self, cfg: ModelConfig, max_tokens: int, dtype: torch.dtype, device: torch.device):
+        q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        empty = lambda width: torch.empty(max_tokens, width, dtype=dtype, device=device)  # noqa: E731
+        self.max_tokens = max_tokens
+        self.hidden = empty(cfg.hidden_size)       # a sub-block's output, added to residual next
+        self.residual = empty(cfg.hidden_size)     # the residual stream
+        self.normed = empty(cfg.hidden_size)       # RMSNorm output, input of the next GEMM
+        self.qkv = empty(q + 2 * kv)
+        self.q_rot = empty(q)
+        self.attn_out = empty(q)
+        self.gate_up = empty(2 * cfg.intermediate_size)
+        self.act = empty(cfg.intermediate_size)
+
+
+@dataclass
+class StepState:
+    """What one step's ops read and write."""
+    batch: ForwardBatch
+    ws: Workspace
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if bias is None:
+        torch.mm(x, weight.t(), out=out)
+    else:
+        torch.addmm(bias, x, weight.t(), out=out)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int, model: "LlamaForCausalLM", dtype, device):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.index = index
+        self.num_q, self.num_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        self.eps = cfg.rms_norm_eps
+        self.scale = d ** -0.5
+        self.model = model  # for the kernel set and the rope cache, shared by all layers
+        p = lambda *shape: nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)  # noqa: E731
+        qkv_width = (self.num_q + 2 * self.num_kv) * d
+        self.input_norm = p(h)
+        self.qkv_weight = p(qkv_width, h)
+        self.qkv_bias = p(qkv_width) if cfg.attention_bias else None
+        self.o_weight = p(h, self.num_q * d)
+        self.post_norm = p(h)
+        self.gate_up_weight = p(2 * cfg.intermediate_size, h)
+        self.down_weight = p(h, cfg.intermediate_size)
+        self.ops = self._build_ops()
+
+    # The ops, in order. Each reads and writes rows lo:hi of the workspace.
+    def _input_norm(self, s: StepState, lo: int, hi: int) -> None:
+        ws = s.ws
+        normed, residual = self.model.kernels.fused_add_rms_norm(
+            ws.hidden[lo:hi], ws.residual[lo:hi], self.input_norm, self.eps)
+        ws.normed[lo:hi].copy_(normed)
+        ws.residual[lo:hi].copy_(residual)
+
+    def _qkv_gemm(self, s: StepState, lo: int, hi: int) -> None:
+        _linear_into(s.ws.qkv[lo:hi], s.ws.normed[lo:hi], self.qkv_weight, self.qkv_bias)
+
+    def _rope_kv_write(self, s: StepState, lo: int, hi: int) -> None:
+        q_w, kv_w = self.num_q * self.head_dim, self.num_kv * self.head_dim
+        qkv = s.ws.qkv[lo:hi]
+        q = qkv[:, :q_w].view(-1, self.num_q, self.head_dim)
+        k = qkv[:, q_w:q_w + kv_w].view(-1, self.num_kv, self.head_dim)
+        v = qkv[:, q_w + kv_w:].view(-1, self.num_kv, self.head_dim)
+        k_cache, v_cache = s.kv_caches[self.index]
+        b = s.batch
+        q_rot = self.model.kernels.rope_and_cache_write(
+            q, k, v, b.positions[lo:hi], self.model.cos_sin, k_cache, v_cache, b.slot_mapping[lo:hi])
+        s.ws.q_rot[lo:hi].copy_(q_rot.reshape(hi - lo, -1))
+
+    def _decode_attn(self, s: StepState, lo: int, hi: int) -> None:
+        b = s.batch
+        lo, hi = lo, min(hi, b.num_decode)
+        if hi <= lo:
+            return
+        k_cache, v_cache = s.kv_caches[self.index]
+        q = s.ws.q_rot[lo:hi].view(-1, self.num_q, self.head_dim)
+        out = self.model.kernels.paged_decode_attention(
+            q, k_cache, v_cache, b.block_tables[lo:hi], b.seq_lens[lo:hi], self.scale)
+        s.ws.attn_out[lo:hi].copy_(out.reshape(hi - lo, -1))
+
+    def _prefill_attn(self, s: StepState, lo: int, hi: int) -> None:
+        b = s.batch
+        r0, r1 = b.prefill_request_range(lo, hi)
+        if r1 <= r0:
+            return
+        row0, row1 = b.query_start_loc_cpu[r0], b.query_start_loc_cpu[r1]
+        k_cache, v_cache = s.kv_caches[self.index]
+        q = s.ws.q_rot[row0:row1].view(-1, self.num_q, self.head_dim)
+        out = self.model.kernels.paged_prefill_attention(
+            q, k_cache, v_cache, b.block_tables[r0:r1], b.query_start_loc[r0:r1 + 1] - row0,
+            b.seq_lens[r0:r1], self.scale)
+        s.ws.attn_out[row0:row1].copy_(out.reshape(row1 - row0, -1))
+
+    def _o_gemm(self, s: StepState, lo: int, hi: int) -> None:
+        _linear_into(s.ws.hidden[lo:hi], s.ws.attn_out[lo:hi], self.o_weight, None)
+
+    def _post_norm(self, s: StepState, lo: int, hi: int) -> None:
+        ws = s.ws
+        normed, residual = self.model.kernels.fused_add_rms_norm(
+            ws.hidden[lo:hi], ws.residual[lo:hi], self.post_norm, self.eps)
+        ws.normed[lo:hi].copy_(normed)
+        ws.residual[lo:hi].copy_(residual)
+
+    def _gate_up_gemm(self, s: StepState, lo: int, hi: int) -> None:
+        _linear_into(s.ws.gate_up[lo:hi], s.ws.normed[lo:hi], self.gate_up_weight, None)
+
+    def _act(self, s: StepState, lo: int, hi: int) -> None:
+        s.ws.act[lo:hi].copy_(self.model.kernels.silu_and_mul(s.ws.gate_up[lo:hi]))
+
+    def _down_gemm(self, s: StepState, lo: int, hi: int) -> None:
+        _linear_into(s.ws.hidden[lo:hi], s.ws.act[lo:hi], self.down_weight, None)
+
+    def _build_ops(self) -> list[Op]:
+        C, M = Resource.COMPUTE, Resource.MEMORY
+        return [
+            Op("input_norm", M, self._input_norm),
+            Op("qkv_gemm", C, self._qkv_gemm),
+            Op("rope_kv_write", M, self._rope_kv_write),
+            Op("decode_attn", M, self._decode_attn, RowScope.DECODE),
+            Op("prefill_attn", C, self._prefill_attn, RowScope.PREFILL),
+            Op("o_gemm", C, self._o_gemm),
+            Op("post_norm", M, self._post_norm),
+            Op("gate_up_gemm", C, self._gate_up_gemm),
+            Op("act", M, self._act),
+            Op("down_gemm", C, self._down_gemm),
+        ]
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, kernels=ref_kernels):
+        super().__init__()
+        self.config = cfg
+        self.dtype, self.device = dtype, device
+        self.kernels = kernels
+        self.embed_tokens = nn.Parameter(
+            torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device), requires_grad=False)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, self, dtype, device)
+                                    for i in range(cfg.num_hidden_layers))
+        self.norm = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype, device=device), requires_grad=False)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(
+            torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device), requires_grad=False)
+        # Rope cache: a buffer, not a parameter; computed in fp32 then cast like transformers does.
+        self.register_buffer("cos_sin", build_cos_sin_cache(cfg, device).to(dtype), persistent=False)
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embed_tokens if self.lm_head is None else self.lm_head
+
+    def new_workspace(self, max_tokens: int) -> Workspace:
+        return Workspace(self.config, max_tokens, self.dtype, self.device)
+
+    # Forward in three parts so the executor can run the layers' ops under any plan.
+    def embed(self, s: StepState) -> None:
+        t = s.batch.num_tokens
+        torch.index_select(self.embed_tokens, 0, s.batch.input_ids[:t], out=s.ws.hidden[:t])
+        s.ws.residual[:t].zero_()  # layer 0's fused add then yields residual = embeddings exactly
+
+    def compute_logits(self, s: StepState) -> torch.Tensor:
+        idx = s.batch.logits_indices
+        x = s.ws.hidden.index_select(0, idx) + s.ws.residual.index_select(0, idx)
+        x = self.kernels.rms_norm(x, self.norm, self.config.rms_norm_eps)
+        return torch.mm(x, self.lm_head_weight().t()).float()
+
+    # Weight loading: Hugging Face names -> fused parameters.
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb" in name:
+                continue
+            target, rows = self._locate(name)
+            if target is None:
+                raise ValueError(f"unexpected weight {name!r} for {self.config.architecture}")
+            dst = target if rows is None else target[rows[0]:rows[1]]
+            if tuple(dst.shape) != tuple(tensor.shape):
+                raise ValueError(f"shape mismatch for {name!r}: checkpoint {tuple(tensor.shape)}, "
+                                 f"model expects {tuple(dst.shape)}")
+            dst.copy_(tensor.to(dtype=dst.dtype))
+            loaded.add(name)
+        missing = [n for n in self.hf_weight_names() if n not in loaded]
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:5]}")
+
+    def hf_weight_names(self) -> list[str]:
+        names = ["model.embed_tokens.weight", "model.norm.weight"]
+        if self.lm_head is not None:
+            names.append("lm_head.weight")
+        for i in range(self.config.num_hidden_layers):
+            pre = f"model.layers.{i}."
+            names += [pre + n for n in ("input_layernorm.weight", "post_attention_layernorm.weight",
+                                        "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                        "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+                                        "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")]
+            if self.config.attention_bias:
+                names += [pre + f"self_attn.{p}_proj.bias" for p in "qkv"]
+        return names
+
+    def _locate(self, name: str) -> tuple[torch.Tensor | None, tuple[int, int] | None]:
+        """The parameter (and row range within a fused one) a Hugging Face weight name maps to."""
+        if name == "model.embed_tokens.weight":
+            return self.embed_tokens, None
+        if name == "model.norm.weight":
+            return self.norm, None
+        if name == "lm_head.weight":
+            return (self.lm_head, None) if self.lm_head is not None else (None, None)
+        parts = name.split(".")
+        if len(parts) < 5 or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
+            return None, None
+        i = int(parts[2])
+        if i >= len(self.layers):
+            return None, None
+        layer, rest = self.layers[i], ".".join(parts[3:])
+        d, q, kv = layer.head_dim, layer.num_q * layer.head_dim, layer.num_kv * layer.head_dim
+        inter = self.config.intermediate_size
+        table = {
+            "input_layernorm.weight": (layer.input_norm, None),
+            "post_attention_layernorm.weight": (layer.post_norm, None),
+            "self_attn.q_proj.weight": (layer.qkv_weight, (0, q)),
+            "self_attn.k_proj.weight": (layer.qkv_weight, (q, q + kv)),
+            "self_attn.v_proj.weight": (layer.qkv_weight, (q + kv, q + 2 * kv)),
+            "self_attn.o_proj.weight": (layer.o_weight, None),
+            "mlp.gate_proj.weight": (layer.gate_up_weight, (0, inter)),
+            "mlp.up_proj.weight": (layer.gate_up_weight, (inter, 2 * inter)),
+            "mlp.down_proj.weight": (layer.down_weight, None),
+        }
+        if layer.qkv_bias is not None:
+            table.update({"self_attn.q_proj.bias": (layer.qkv_bias, (0, q)),
+                          "self_attn.k_proj.bias": (layer.qkv_bias, (q, q + kv)),
+                          "self_attn.v_proj.bias": (layer.qkv_bias, (q + kv, q + 2 * kv))})
+        del d
+        return table.get(rest, (None, None))
+
+    def export_hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Views of our weights under Hugging Face names (for the transformers baseline and tests)."""
+        out = {}
+        for name in self.hf_weight_names():
+            target, rows = self._locate(name)
+            out[name] = target if rows is None else target[rows[0]:rows[1]]
+        if self.lm_head is None:
+            out["lm_head.weight"] = self.embed_tokens
+        return out

@@ -1,0 +1,34 @@
+"""Operations of a decoder layer, tagged with the resource they stress.
+
+A layer is a list of Ops; each runs on token rows lo:hi of the dense batch, so a plan can cut the batch
+into nano-batches per op without touching the model (NanoFlow §3)."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+class Resource(str, enum.Enum):
+    COMPUTE = "compute"
+    MEMORY = "memory"
+    NETWORK = "network"
+
+
+class RowScope(str, enum.Enum):
+    """Which rows of the dense batch an op touches; the executor clips nano-batch ranges to it."""
+    ALL = "all"            # every token row (GEMMs, norms, activations)
+    DECODE = "decode"      # rows of single-token requests (decode attention)
+    PREFILL = "prefill"    # rows of multi-token chunks (prefill attention); cut only at request bounds
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    """Stable op name (plans refer to it): e.g. qkv_gemm, decode_attn."""
+    resource: Resource
+    """Compute-, memory- or network-bound."""
+    fn: Callable[[Any, int, int], None]
+    """fn(step_state, lo, hi): do the op for token rows lo:hi."""
+    scope: RowScope = RowScope.ALL
+    """Rows the op applies to."""

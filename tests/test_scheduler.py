@@ -1,0 +1,145 @@
+"""Scheduler and KV pool: unit cases plus hypothesis runs with random arrivals, lengths and aborts."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nanoflow.engine.kv_cache import BlockPool, KVCacheError, KVCacheManager
+from nanoflow.engine.request import Request, RequestStatus
+from nanoflow.engine.scheduler import Scheduler, SchedulerConfig
+from nanoflow.sampling_params import SamplingParams
+
+
+def make_request(i: int, prompt_len: int, max_tokens: int) -> Request:
+    return Request(f"r{i}", list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens), max_tokens, i)
+
+
+def simulate_step(sched: Scheduler, out) -> list[Request]:
+    """What the engine does after the forward pass: advance, append a token, retire finished."""
+    finished = []
+    for req, n in out.scheduled:
+        req.num_computed_tokens += n
+        if req.num_computed_tokens == req.num_tokens:
+            req.output_token_ids.append(7)
+            if len(req.output_token_ids) >= req.max_tokens:
+                sched.finish(req, RequestStatus.FINISHED_LENGTH)
+                finished.append(req)
+    return finished
+
+
+def test_block_pool_refcounts_and_errors():
+    pool = BlockPool(4)
+    a = pool.allocate(2)
+    pool.share(a)
+    pool.release(a)
+    assert pool.num_free == 2
+    pool.release(a)
+    assert pool.num_free == 4
+    pool.check_invariant()
+    with pytest.raises(KVCacheError):
+        pool.release(a)
+    with pytest.raises(KVCacheError):
+        pool.allocate(5)
+
+
+def test_decodes_first_then_prefill_chunks_within_budget():
+    kv = KVCacheManager(num_blocks=64, block_size=4)
+    sched = Scheduler(SchedulerConfig(token_budget=10, max_num_seqs=8), kv)
+    a, b = make_request(0, 3, 5), make_request(1, 30, 5)
+    sched.add(a)
+    out = sched.schedule()
+    assert [(r.request_id, n) for r, n in out.scheduled] == [("r0", 3)]
+    simulate_step(sched, out)
+    sched.add(b)
+    out = sched.schedule()
+    # r0 decodes (1 token) first, then r1's prompt fills the remaining 9 tokens: chunked prefill.
+    assert [(r.request_id, n) for r, n in out.scheduled] == [("r0", 1), ("r1", 9)]
+    assert out.num_decode == 1
+    simulate_step(sched, out)
+    out = sched.schedule()
+    assert [(r.request_id, n) for r, n in out.scheduled] == [("r0", 1), ("r1", 9)]
+
+
+def test_admission_respects_projected_kv():
+    kv = KVCacheManager(num_blocks=10, block_size=4)
+    sched = Scheduler(SchedulerConfig(token_budget=100, max_num_seqs=8), kv)
+    for i in range(3):  # each projects (8 + 8) / 4 = 4 blocks: only two fit in 10
+        sched.add(make_request(i, 8, 8))
+    out = sched.schedule()
+    assert [r.request_id for r, _ in out.scheduled] == ["r0", "r1"]
+    assert len(sched.waiting) == 1
+
+
+def test_preemption_frees_newest_and_recomputes():
+    kv = KVCacheManager(num_blocks=6, block_size=2)
+    # Overcommit: admission lets in more than fits, so decode growth forces a preemption.
+    sched = Scheduler(SchedulerConfig(token_budget=64, max_num_seqs=8, kv_admission_ratio=10.0), kv)
+    reqs = [make_request(i, 4, 8) for i in range(3)]
+    for r in reqs:
+        sched.add(r)
+    preempted = []
+    for _ in range(40):
+        out = sched.schedule()
+        preempted += out.preempted
+        sched.check_invariants()
+        simulate_step(sched, out)
+        if not sched.has_unfinished():
+            break
+    assert not sched.has_unfinished()
+    assert preempted and preempted[0] is reqs[2]  # the newest goes first
+    assert all(len(r.output_token_ids) == 8 for r in reqs)
+    assert kv.pool.num_used == 0
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    budget=st.integers(1, 48),
+    num_blocks=st.integers(8, 40),
+    block_size=st.sampled_from([1, 2, 4, 8]),
+    max_seqs=st.integers(1, 6),
+    ratio=st.sampled_from([0.5, 1.0, 3.0]),
+    events=st.lists(st.tuples(st.integers(1, 20), st.integers(1, 12), st.booleans(), st.integers(0, 3)),
+                    min_size=1, max_size=14),
+)
+def test_random_workloads_no_leak_no_starvation_budget_respected(
+        budget, num_blocks, block_size, max_seqs, ratio, events):
+    kv = KVCacheManager(num_blocks, block_size)
+    sched = Scheduler(SchedulerConfig(budget, max_seqs, ratio), kv)
+    capacity = num_blocks * block_size
+    pending = []
+    for i, (prompt_len, max_tokens, abort, arrive_step) in enumerate(events):
+        if prompt_len + max_tokens > capacity:  # the engine rejects these at add_request
+            continue
+        pending.append((arrive_step, make_request(i, prompt_len, max_tokens), abort))
+    all_reqs = [r for _, r, _ in pending]
+    aborted = set()
+    for step in itertools.count():
+        for arrive_step, req, abort in pending:
+            if arrive_step == step:
+                sched.add(req)
+        out = sched.schedule()
+        assert out.num_tokens <= budget
+        assert len(sched.running) <= max_seqs
+        assert all(n == 1 for _, n in out.scheduled[:out.num_decode])
+        assert all(n > 1 for _, n in out.scheduled[out.num_decode:])
+        for req, n in out.scheduled:  # every scheduled token has a KV slot
+            assert len(kv.block_ids(req.request_id)) * block_size >= req.num_computed_tokens + n
+        sched.check_invariants()
+        simulate_step(sched, out)
+        for _, req, abort in pending:  # abort some requests midway
+            if abort and req not in aborted and req.num_computed_tokens > 0 and not req.status.finished:
+                sched.finish(req, RequestStatus.FINISHED_ABORTED)
+                aborted.add(req)
+        sched.check_invariants()
+        if step > 3 and not sched.has_unfinished():
+            break
+        assert step < 2000, "a request starved"
+    assert kv.pool.num_used == 0
+    kv.check_invariant()
+    for req in all_reqs:
+        assert req.status.finished
+        if req not in aborted:
+            assert len(req.output_token_ids) == req.max_tokens

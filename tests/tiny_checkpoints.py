@@ -1,0 +1,46 @@
+"""Tiny random Hugging Face checkpoints written with save_pretrained, for parity tests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+from nanoflow.models.loader import default_model_dir
+
+# name -> (transformers config class, kwargs)
+TINY_CONFIGS = {
+    "llama-gqa": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2)),
+    "llama-mha-tied": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=4,
+                                           tie_word_embeddings=True)),
+    "llama3-scaled": ("LlamaConfig", dict(num_attention_heads=8, num_key_value_heads=2, rope_theta=500000.0,
+                                          rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                        "original_max_position_embeddings": 64})),
+    "mistral": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=1, sliding_window=None)),
+    "qwen2": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
+}
+
+
+def make_checkpoint(name: str, root: Path, seed: int = 0) -> Path:
+    """Writes a tiny random model (and the built-in tokenizer) to root/name; returns the directory."""
+    cls_name, extra = TINY_CONFIGS[name]
+    tok = transformers.AutoTokenizer.from_pretrained(default_model_dir())
+    vocab_size = len(tok)
+    kwargs = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                  max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=0)
+    kwargs.update(extra)
+    config = getattr(transformers, cls_name)(**kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    with torch.no_grad():  # larger weights than the default init so logits are far from uniform
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+            else:
+                p.uniform_(0.5, 1.5) if p.shape[0] == kwargs["hidden_size"] else p.normal_(0, 0.1)
+    out = root / name
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
