@@ -17,7 +17,7 @@ class EngineConfig:
     load_format: str = "auto"
     """'auto' (safetensors from the directory; random weights for presets), 'safetensors', or 'dummy'."""
     tokenizer: str | None = None
-    """Tokenizer directory; defaults to the model directory, or the built-in tokenizer for presets."""
+    """Tokenizer directory, or 'default' for the built-in one; defaults to the model directory (built-in for presets)."""
     dtype: str = "auto"
     """'auto' (bfloat16 on GPU, float32 on CPU), 'bfloat16', 'float16' or 'float32'."""
     device: str = "auto"

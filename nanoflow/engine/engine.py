@@ -13,7 +13,7 @@ import torch
 from nanoflow.config import EngineConfig
 from nanoflow.engine.detokenizer import IncrementalDetokenizer, check_stop_token
 from nanoflow.engine.kv_cache import KVCacheManager
-from nanoflow.engine.request import Request, RequestStatus
+from nanoflow.engine.request import PENDING_TOKEN, Request, RequestStatus
 from nanoflow.engine.runner import ModelRunner, choose_num_blocks
 from nanoflow.engine.sampler import Sampler, SamplingBatch, make_generator
 from nanoflow.engine.scheduler import Scheduler, SchedulerConfig
@@ -44,6 +44,26 @@ class _SeqState:
     generator: torch.Generator | None
     logprobs: list[dict[int, Logprob]] | None
     cumulative_logprob: float = 0.0
+
+
+@dataclass
+class _InFlight:
+    """A launched step whose sampled tokens the host has not read yet."""
+    sampling: list[Request]
+    token_ids: torch.Tensor
+    tokens_host: torch.Tensor
+    logprobs_host: torch.Tensor | None
+    top_logprobs_host: torch.Tensor | None
+    top_ids_host: torch.Tensor | None
+    event: torch.cuda.Event | None = None
+
+
+def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Starts a device-to-host copy into pinned memory without waiting for it."""
+    if t is None or t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
 
 
 @dataclass
@@ -80,6 +100,7 @@ class LLMEngine:
         self.sampler = Sampler(self.eos_token_ids, seed=self.config.seed)
         self._groups: dict[str, _Group] = {}
         self._arrivals = itertools.count()
+        self._inflight: _InFlight | None = None
         self.step_times: list[tuple[float, float, int]] = []
         """(start_s, end_s, num_tokens) of every step, for benchmarks."""
 
@@ -143,17 +164,41 @@ class LLMEngine:
         for seq in group.seqs:
             if not seq.status.finished:
                 self.scheduler.finish(seq, RequestStatus.FINISHED_ABORTED)
+            seq.num_pending_tokens = 0  # an in-flight token of an aborted request is dropped
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     # ---- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule()
+        """Schedules and launches the next dense batch, then finishes the previous one (async
+        scheduling: the CPU forms step i+1 while the device runs step i; a request that stopped in
+        step i is retired after step i+1 was formed, so at most one step late)."""
+        outputs: list[RequestOutput] = []
+        if self._inflight is not None and not self._can_overlap():
+            outputs += self._process(self._inflight)
+            self._inflight = None
+        launched = self._launch(self.scheduler.schedule())
+        if self._inflight is not None:
+            outputs += self._process(self._inflight)
+        self._inflight = launched
+        if launched is not None and not self.config.async_scheduling:
+            outputs += self._process(launched)
+            self._inflight = None
+        return outputs
+
+    def _can_overlap(self) -> bool:
+        # Penalties need every earlier token on the host, so those steps run synchronously.
+        return self.config.async_scheduling and not any(
+            r.params.needs_penalties for r in self.scheduler.running)
+
+    def _launch(self, sched) -> _InFlight | None:
         if not sched.scheduled:
-            return []
+            return None
         start = time.perf_counter()
-        batch = self.runner.build_batch(sched)
+        prev = self._inflight
+        pending = {r: j for j, r in enumerate(prev.sampling)} if prev is not None else None
+        batch = self.runner.build_batch(sched, pending, prev.token_ids if prev is not None else None)
         logits = self.runner.forward(batch)
         sampling = [r for r, n in sched.scheduled if r.num_computed_tokens + n == r.num_tokens]
         out = self.sampler(logits, SamplingBatch(
@@ -161,24 +206,43 @@ class LLMEngine:
             prompt_token_ids=[r.prompt_token_ids for r in sampling],
             output_token_ids=[r.output_token_ids for r in sampling],
             generators=[r.engine_state.generator for r in sampling]))
-        token_ids = out.token_ids.tolist()  # the one sync of the step
+        flight = _InFlight(sampling, out.token_ids, *[_to_host(t) for t in (
+            out.token_ids, out.logprobs, out.top_logprobs, out.top_token_ids)])
+        if self.device.type == "cuda":
+            flight.event = torch.cuda.Event()
+            flight.event.record()
         for r, n in sched.scheduled:
             r.num_computed_tokens += n
-        chosen_lp = out.logprobs.tolist() if out.logprobs is not None else None
-        top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
-        top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None
+        for r in sampling:
+            r.output_token_ids.append(PENDING_TOKEN)
+            r.num_pending_tokens += 1
+            if len(r.output_token_ids) >= r.max_tokens:  # known now: stop scheduling it
+                self.scheduler.finish(r, RequestStatus.FINISHED_LENGTH)
+        self.step_times.append((start, time.perf_counter(), sched.num_tokens))
+        return flight
+
+    def _process(self, flight: _InFlight) -> list[RequestOutput]:
+        if flight.event is not None:
+            flight.event.synchronize()
+        tokens = flight.tokens_host.tolist()
+        lp = flight.logprobs_host.tolist() if flight.logprobs_host is not None else None
+        top_lp = flight.top_logprobs_host.tolist() if flight.top_logprobs_host is not None else None
+        top_ids = flight.top_ids_host.tolist() if flight.top_ids_host is not None else None
         touched: dict[str, _Group] = {}
-        for i, (seq, token) in enumerate(zip(sampling, token_ids)):
-            self._append_token(seq, token, i, chosen_lp, top_lp, top_ids)
+        for row, (seq, token) in enumerate(zip(flight.sampling, tokens)):
+            if seq.num_pending_tokens == 0:  # stopped or aborted after this step was launched
+                continue
+            self._accept_token(seq, token, row, lp, top_lp, top_ids)
             parent = self._parent_id(seq)
             if parent in self._groups:
                 touched[parent] = self._groups[parent]
-        self.step_times.append((start, time.perf_counter(), sched.num_tokens))
         return [self._make_output(g) for g in touched.values()]
 
-    def _append_token(self, seq: Request, token: int, row: int, chosen_lp, top_lp, top_ids) -> None:
+    def _accept_token(self, seq: Request, token: int, row: int, chosen_lp, top_lp, top_ids) -> None:
         st: _SeqState = seq.engine_state
-        seq.output_token_ids.append(token)
+        num_out = len(seq.output_token_ids) - seq.num_pending_tokens + 1
+        seq.output_token_ids[num_out - 1] = token
+        seq.num_pending_tokens -= 1
         if st.logprobs is not None:
             k = seq.params.logprobs or 0
             entry = {token: Logprob(chosen_lp[row])}
@@ -189,17 +253,19 @@ class LLMEngine:
                     entry[tid] = Logprob(lp, rank)
             st.logprobs.append(entry)
             st.cumulative_logprob += chosen_lp[row]
-        stop_by_token = check_stop_token(token, seq.params, self.eos_token_ids, len(seq.output_token_ids))
+        stop_by_token = check_stop_token(token, seq.params, self.eos_token_ids, num_out)
         stop_str = st.detokenizer.append([token], stopped_by_token=stop_by_token is not None) \
             if st.detokenizer is not None else None
-        if stop_by_token is not None:
-            seq.stop_reason = token if token in seq.params.stop_token_ids else None
+        if stop_by_token is None and stop_str is None:
+            return
+        seq.stop_reason = stop_str if stop_str is not None else (
+            token if token in seq.params.stop_token_ids else None)
+        if not seq.status.finished:
             self.scheduler.finish(seq, RequestStatus.FINISHED_STOPPED)
-        elif stop_str is not None:
-            seq.stop_reason = stop_str
-            self.scheduler.finish(seq, RequestStatus.FINISHED_STOPPED)
-        elif len(seq.output_token_ids) >= seq.max_tokens:
-            self.scheduler.finish(seq, RequestStatus.FINISHED_LENGTH)
+        seq.status = RequestStatus.FINISHED_STOPPED  # also when its length ran out at this token
+        # Tokens sampled after the stop (already launched) are dropped.
+        del seq.output_token_ids[num_out:]
+        seq.num_pending_tokens = 0
 
     @staticmethod
     def _parent_id(seq: Request) -> str:
@@ -209,7 +275,7 @@ class LLMEngine:
         outputs = []
         for i, seq in enumerate(group.seqs):
             st: _SeqState = seq.engine_state
-            finished = seq.status.finished
+            finished = seq.status.finished and not seq.num_pending_tokens
             if st.detokenizer is not None:
                 text = st.detokenizer.output_text if finished else st.detokenizer.visible_text
             elif finished:
@@ -221,7 +287,7 @@ class LLMEngine:
                 cumulative_logprob=st.cumulative_logprob if st.logprobs is not None else None,
                 logprobs=st.logprobs, finish_reason=seq.status.value if finished else None,
                 stop_reason=seq.stop_reason))
-        done = all(s.status.finished for s in group.seqs)
+        done = all(s.status.finished and not s.num_pending_tokens for s in group.seqs)
         if done:
             self._groups.pop(group.request_id, None)
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outputs, done)

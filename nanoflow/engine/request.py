@@ -8,6 +8,10 @@ from typing import Any
 from nanoflow.sampling_params import SamplingParams
 
 
+PENDING_TOKEN = -1
+"""Placeholder id of an output token still on the device."""
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -42,6 +46,9 @@ class Request:
     """Where the request is."""
     stop_reason: int | str | None = None
     """The stop token or string that finished it."""
+    num_pending_tokens: int = 0
+    """Sampled on the device but not yet seen by the host (async scheduling); their ids are
+    PENDING_TOKEN placeholders at the end of output_token_ids."""
     num_preemptions: int = 0
     """How often it lost its KV blocks."""
     engine_state: Any = None
@@ -61,7 +68,10 @@ class Request:
         return len(self.prompt_token_ids) + self.max_tokens
 
     def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens start:end of prompt + output, without concatenating the whole sequence."""
         p = len(self.prompt_token_ids)
         if end <= p:
             return self.prompt_token_ids[start:end]
-        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+        if start >= p:
+            return self.output_token_ids[start - p:end - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - p]

@@ -50,8 +50,12 @@ class ModelRunner:
         self.workspace = model.new_workspace(token_budget)
         self.executor = executor or SequentialExecutor()
 
-    def build_batch(self, sched: SchedulerOutput) -> ForwardBatch:
-        """Host-side batch assembly (numpy), then one copy per tensor to the device."""
+    def build_batch(self, sched: SchedulerOutput, pending_source: dict | None = None,
+                    prev_tokens: torch.Tensor | None = None) -> ForwardBatch:
+        """Host-side batch assembly (numpy), then one pinned copy per tensor to the device.
+
+        Async scheduling: a request whose last token is still on the device (a PENDING_TOKEN
+        placeholder) takes it from prev_tokens[pending_source[request]], gathered on the device."""
         reqs = [r for r, _ in sched.scheduled]
         counts = np.array([n for _, n in sched.scheduled], dtype=np.int64)
         starts = np.array([r.num_computed_tokens for r in reqs], dtype=np.int64)
@@ -73,18 +77,32 @@ class ModelRunner:
                         * self.block_size + positions % self.block_size)
         samples = np.array([s + n == r.num_tokens for r, s, n in zip(reqs, starts.tolist(), counts.tolist())])
         logits_indices = qsl[1:][samples] - 1
-        to_dev = lambda a, dt: torch.from_numpy(a).to(device=self.device, dtype=dt, non_blocking=True)  # noqa: E731
-        return ForwardBatch(
-            input_ids=to_dev(input_ids, torch.long),
-            positions=to_dev(positions, torch.long),
-            slot_mapping=to_dev(slot_mapping, torch.long),
-            block_tables=to_dev(block_tables, torch.int32),
-            seq_lens=to_dev(seq_lens, torch.int32),
-            query_start_loc=to_dev(qsl, torch.int32),
+        batch = ForwardBatch(
+            input_ids=self._to_device(input_ids, torch.long),
+            positions=self._to_device(positions, torch.long),
+            slot_mapping=self._to_device(slot_mapping, torch.long),
+            block_tables=self._to_device(block_tables, torch.int32),
+            seq_lens=self._to_device(seq_lens, torch.int32),
+            query_start_loc=self._to_device(qsl, torch.int32),
             query_start_loc_cpu=qsl.tolist(),
             num_decode=sched.num_decode,
-            logits_indices=to_dev(logits_indices, torch.long),
+            logits_indices=self._to_device(logits_indices, torch.long),
         )
+        if pending_source:
+            # The placeholder is a request's last token; only chunks that reach it need it.
+            pairs = [(int(qsl[i + 1]) - 1, pending_source[r]) for i, r in enumerate(reqs)
+                     if r.num_pending_tokens and int(seq_lens[i]) == r.num_tokens]
+            if pairs:
+                rows, src = zip(*pairs)
+                rows_t = self._to_device(np.asarray(rows), torch.long)
+                batch.input_ids[rows_t] = prev_tokens[self._to_device(np.asarray(src), torch.long)]
+        return batch
+
+    def _to_device(self, a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.from_numpy(a).to(dtype)
+        if self.device.type == "cuda":  # pinned, so the copy never waits for the GPU queue
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:

@@ -100,6 +100,8 @@ class Scheduler:
         limit = self.config.kv_admission_ratio * self.kv.pool.num_blocks
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if req.num_pending_tokens:  # preempted with a token still on the device: next step
+                break
             projection = self._projection(req)
             if self.running and self._projected_blocks + projection > limit:
                 break

@@ -58,7 +58,8 @@ class LlamaDecoderLayer(nn.Module):
         self.num_q, self.num_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
         self.eps = cfg.rms_norm_eps
         self.scale = d ** -0.5
-        self.model = model  # for the kernel set and the rope cache, shared by all layers
+        # The parent (kernel set, rope cache) kept outside the module tree: no cycle for .eval()/.to().
+        object.__setattr__(self, "model", model)
         p = lambda *shape: nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)  # noqa: E731
         qkv_width = (self.num_q + 2 * self.num_kv) * d
         self.input_norm = p(h)
@@ -225,8 +226,8 @@ class LlamaForCausalLM(nn.Module):
             return self.embed_tokens, None
         if name == "model.norm.weight":
             return self.norm, None
-        if name == "lm_head.weight":
-            return (self.lm_head, None) if self.lm_head is not None else (None, None)
+        if name == "lm_head.weight":  # tied checkpoints sometimes store a copy: load it into the embedding
+            return (self.lm_head, None) if self.lm_head is not None else (self.embed_tokens, None)
         parts = name.split(".")
         if len(parts) < 5 or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
             return None, None
