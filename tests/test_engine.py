@@ -42,10 +42,27 @@ def test_same_tokens_for_any_budget_and_batch(ckpt):
     for budget in (1, 7, 33):  # budget 1: every prompt chunked token by token
         assert _greedy(ckpt, prompts, max_num_batched_tokens=budget) == reference
     assert _greedy(ckpt, prompts, max_num_seqs=2) == reference
+    assert _greedy(ckpt, prompts, async_scheduling=False, max_num_batched_tokens=20) == reference
     shuffled = list(range(len(prompts)))
     random.Random(3).shuffle(shuffled)
     out = _greedy(ckpt, [prompts[i] for i in shuffled], max_num_batched_tokens=20)
     assert [out[shuffled.index(i)] for i in range(len(prompts))] == reference
+
+
+def test_async_and_sync_agree_with_penalties_and_seeds(ckpt):
+    """Penalties force synchronous steps inside an async engine; seeded sampling is reproducible."""
+    prompts = _prompts(5, seed=2)
+    params = [SamplingParams(temperature=0, max_tokens=8, repetition_penalty=1.5, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=11, max_tokens=8, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=12, max_tokens=8, frequency_penalty=1.0, ignore_eos=True),
+              GREEDY, GREEDY]
+    runs = []
+    for async_scheduling in (True, False):
+        llm = LLM(model=str(ckpt), dtype="float32", device="cpu", num_kv_blocks=256,
+                  async_scheduling=async_scheduling, max_num_batched_tokens=24)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        runs.append([o.outputs[0].token_ids for o in outs])
+    assert runs[0] == runs[1]
 
 
 def test_same_tokens_under_preemption(ckpt):

@@ -1,0 +1,609 @@
+"""Offline throughput benchmark (`nanoflow bench throughput`), following ../shared/BENCHMARKING.md.
+
+One process: build the engine, warm up (excluded), measure the GEMM peak right before the timed run,
+time `llm.generate` over all requests, then optionally the same requests under another plan
+(`--compare`) and through transformers' static batched `generate` with the same weights (`--baseline hf`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from nanoflow.bench.gemm_peak import GemmPeak, device_name, measure_gemm_peak
+from nanoflow.bench.workloads import BenchRequest, Workload, parse_workload, sample_requests
+from nanoflow.config import EngineConfig
+
+WARMUP_MAX_OUTPUT_TOKENS = 64
+"""Warm-up requests generate at most this many tokens (enough to exercise prefill and decode)."""
+WARMUP_SEED_OFFSET = 1_000_003
+"""Warm-up prompts use seed + this, so they differ from the timed ones."""
+STEADY_MIDDLE_FRACTION = 0.8
+"""The steady-state figure counts the steps in this middle fraction of the timed run's span."""
+HF_WARMUP_NEW_TOKENS = 8
+"""The transformers baseline warms up with one untimed generate of its first batch and this many tokens."""
+
+# ---- per-step statistics --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepStats:
+    """Figures from the engine's step log ((start_s, end_s, num_tokens) per step) of one timed run."""
+
+    num_steps: int
+    """Steps in the run."""
+    span_s: float
+    """First step's start to last step's end."""
+    busy_s: float
+    """Sum of the steps' own durations."""
+    gap_s: float
+    """Sum of the time between one step's end and the next one's start (scheduling, output handling):
+    the GPU idles then unless the engine overlaps host work with device work."""
+    gap_fraction: float
+    """gap_s / span_s."""
+    mean_tokens_per_step: float
+    """Dense-batch tokens per step, averaged."""
+    steady_steps: int
+    """Steps whose midpoint lies in the middle STEADY_MIDDLE_FRACTION of the span."""
+    steady_s: float
+    """First steady step's start to last steady step's end."""
+    steady_tokens: int
+    """Dense-batch tokens (prompt + decode) of the steady steps."""
+    steady_tokens_per_s: float | None
+    """steady_tokens / steady_s: the steady-state total tokens/s (None when no step is steady)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def step_statistics(steps: list[tuple[float, float, int]],
+                    middle: float = STEADY_MIDDLE_FRACTION) -> StepStats | None:
+    """Summarises a step log; None for an empty one. `middle` is the steady fraction of the span."""
+    if not 0.0 < middle <= 1.0:
+        raise ValueError(f"middle must be in (0, 1], got {middle}")
+    if not steps:
+        return None
+    steps = sorted(steps)
+    start, end = steps[0][0], max(s[1] for s in steps)
+    span = end - start
+    gaps = sum(max(0.0, nxt[0] - cur[1]) for cur, nxt in zip(steps, steps[1:]))
+    margin = span * (1.0 - middle) / 2.0
+    lo, hi = start + margin, end - margin
+    steady = [s for s in steps if lo <= (s[0] + s[1]) / 2.0 <= hi]
+    steady_s = (max(s[1] for s in steady) - steady[0][0]) if steady else 0.0
+    steady_tokens = sum(int(s[2]) for s in steady)
+    return StepStats(
+        num_steps=len(steps), span_s=span, busy_s=sum(s[1] - s[0] for s in steps), gap_s=gaps,
+        gap_fraction=gaps / span if span > 0 else 0.0,
+        mean_tokens_per_step=sum(int(s[2]) for s in steps) / len(steps),
+        steady_steps=len(steady), steady_s=steady_s, steady_tokens=steady_tokens,
+        steady_tokens_per_s=steady_tokens / steady_s if steady_s > 0 else None)
+
+
+# EngineConfig fields with a dedicated benchmark flag (engine_args may not set them).
+_DEDICATED_ENGINE_FIELDS = ("model", "load_format", "dtype", "device", "seed", "max_model_len",
+                            "max_num_batched_tokens", "max_num_seqs", "plan")
+
+
+@dataclass
+class ThroughputOptions:
+    """Everything `run_throughput` takes (the CLI flags, one to one)."""
+
+    model: str = "default"
+    """Model directory, dummy preset name (llama-3-8b, ...) or 'default'."""
+    load_format: str = "auto"
+    """EngineConfig.load_format."""
+    dtype: str = "auto"
+    """EngineConfig.dtype."""
+    device: str = "auto"
+    """EngineConfig.device."""
+    workload: str = "constant:512:512"
+    """constant:IN:OUT, splitwise, lmsys, sharegpt, or a PATH.csv."""
+    num_requests: int = 1000
+    """Timed requests."""
+    seed: int = 0
+    """Seed of the request sample, the prompt ids and the engine."""
+    max_num_batched_tokens: int | None = None
+    """EngineConfig.max_num_batched_tokens (None: the engine's default)."""
+    max_num_seqs: int | None = None
+    """EngineConfig.max_num_seqs (None: the engine's default)."""
+    max_model_len: int | None = None
+    """EngineConfig.max_model_len (None: the model's max_position_embeddings)."""
+    plan: str = "sequential"
+    """EngineConfig.plan of the main run."""
+    compare: str | None = None
+    """Another plan to run the same requests with, in this process; the ratio plan / compare is reported."""
+    baseline: str | None = None
+    """'hf': also run transformers' static batched generate with the same weights."""
+    hf_batch_size: int = 64
+    """Requests per transformers generate call (left-padded)."""
+    hf_num_requests: int = 256
+    """The transformers baseline runs the first this-many requests; rates (tokens/s) are compared."""
+    warmup_requests: int = 32
+    """Requests of an untimed warm-up generate before each timed engine run (0: none)."""
+    temperature: float = 1.0
+    """Sampling temperature of every request (0: greedy); the HF baseline samples the same way."""
+    output_json: str | None = None
+    """Write the result JSON here."""
+    trace_dir: str | None = None
+    """Folder of the trace CSVs (default: $NANOFLOW_TRACE_DIR, ../shared/traces, ./.carry/traces)."""
+    engine_args: dict = field(default_factory=dict)
+    """Other EngineConfig fields, e.g. {'enforce_eager': True} (the CLI's engine flags)."""
+    use_tqdm: bool = True
+    """Show a progress bar during the timed run."""
+    command: str | None = None
+    """The command line to record (run_from_args fills it in)."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_requests", "hf_batch_size", "hf_num_requests"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.warmup_requests, int) or self.warmup_requests < 0:
+            raise ValueError(f"warmup_requests must be a non-negative integer, got {self.warmup_requests!r}")
+        if self.baseline not in (None, "hf"):
+            raise ValueError(f"baseline must be 'hf' or None, got {self.baseline!r}")
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ValueError(f"temperature must be a non-negative number, got {self.temperature!r}")
+        clash = sorted(set(self.engine_args) & set(_DEDICATED_ENGINE_FIELDS))
+        if clash:
+            raise ValueError(f"engine_args: set {', '.join(clash)} with its own option")
+        known = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = sorted(set(self.engine_args) - known)
+        if unknown:
+            raise ValueError(f"engine_args: unknown EngineConfig field(s) {', '.join(unknown)}")
+
+
+@dataclass
+class TimedRun:
+    """One timed `llm.generate` over the benchmark requests."""
+
+    plan: str
+    """The engine's plan."""
+    requests: int
+    """Requests run."""
+    input_tokens: int
+    """Prompt tokens of all requests."""
+    output_tokens: int
+    """Tokens generated (counted from the outputs)."""
+    expected_output_tokens: int
+    """Sum of the requested output lengths (equal to output_tokens when lengths are exact)."""
+    wall_s: float
+    """Wall time of the timed region (generate only)."""
+    steps: StepStats | None
+    """Per-step figures from llm.engine.step_times, or None when the engine does not record them."""
+    gemm: GemmPeak
+    """The GEMM peak measured right before this run."""
+    engine_stats: dict | None
+    """llm.engine.stats() after the run."""
+
+    def metrics(self, num_params: int) -> dict:
+        """The figures BENCHMARKING.md asks for, as a flat dict."""
+        total = (self.input_tokens + self.output_tokens) / self.wall_s
+        optimal = self.gemm.tflops * 1e12 / (2 * num_params)
+        steady = self.steps.steady_tokens_per_s if self.steps is not None else None
+        return {
+            "plan": self.plan,
+            "requests": self.requests,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "expected_output_tokens": self.expected_output_tokens,
+            "exact_output_lengths": self.output_tokens == self.expected_output_tokens,
+            "wall_s": self.wall_s,
+            "total_tokens_per_s": total,
+            "output_tokens_per_s": self.output_tokens / self.wall_s,
+            "requests_per_s": self.requests / self.wall_s,
+            "steady_state_total_tokens_per_s": steady,
+            "gemm_peak_tflops": self.gemm.tflops,
+            "gemm": self.gemm.to_dict(),
+            "optimal_tokens_per_s": optimal,
+            "pct_of_optimal": 100.0 * total / optimal,
+            "steady_state_pct_of_optimal": None if steady is None else 100.0 * steady / optimal,
+            "steps": None if self.steps is None else self.steps.to_dict(),
+            "engine_stats": self.engine_stats,
+        }
+
+
+def run_throughput(**kwargs) -> dict:
+    """Runs the benchmark (keyword arguments: ThroughputOptions fields) and returns the result dict."""
+    opts = ThroughputOptions(**kwargs)
+    workload = parse_workload(opts.workload, opts.trace_dir)
+    started = datetime.now(timezone.utc).astimezone()
+
+    llm = _build_llm(opts, opts.plan)
+    dtype, device = _model_dtype_device(llm)
+    model_config = llm.model_config
+    num_params = model_config.num_parameters()
+    max_len = _max_model_len(llm, opts)
+    requests = sample_requests(workload, opts.num_requests, opts.seed, model_config.vocab_size, max_len)
+    warmup = _warmup_requests(workload, opts, model_config.vocab_size, max_len)
+    print(f"[bench] {opts.model}: {num_params / 1e9:.3f}B params, {workload.describe()}, "
+          f"{len(requests)} requests, {sum(len(r.prompt_token_ids) for r in requests)} prompt tokens, "
+          f"{sum(r.output_len for r in requests)} output tokens", flush=True)
+
+    main = _timed_run(llm, opts.plan, requests, warmup, opts, device)
+    runs = {"main": main.metrics(num_params)}
+    _print_run("nanoflow", runs["main"])
+    if opts.compare is not None:
+        if hasattr(llm, "set_plan"):
+            llm.set_plan(opts.compare)
+        else:
+            llm = None  # free the first engine before building the second
+            _empty_cache(device)
+            llm = _build_llm(opts, opts.compare)
+        compared = _timed_run(llm, opts.compare, requests, warmup, opts, device)
+        runs["compare"] = compared.metrics(num_params)
+        runs["compare"]["ratio"] = runs["main"]["total_tokens_per_s"] / runs["compare"]["total_tokens_per_s"]
+        runs["compare"]["ratio_means"] = f"total tokens/s of plan {opts.plan!r} / plan {opts.compare!r}"
+        _print_run(f"nanoflow ({opts.compare})", runs["compare"])
+    baseline = None
+    if opts.baseline == "hf":
+        weights = {name: t.detach().to("cpu") for name, t in llm.engine.model.export_hf_state_dict().items()}
+        llm = None  # the engine's KV cache must go before transformers' model and cache come
+        _empty_cache(device)
+        hf_requests = requests[:opts.hf_num_requests]
+        baseline = run_hf_baseline(weights, model_config, device, dtype, hf_requests,
+                                   opts.hf_batch_size, opts.temperature)
+        del weights
+        _empty_cache(device)
+        baseline["ratio"] = runs["main"]["total_tokens_per_s"] / baseline["total_tokens_per_s"]
+        baseline["ratio_means"] = (f"nanoflow total tokens/s ({len(requests)} requests) / transformers "
+                                   f"total tokens/s (first {len(hf_requests)} requests): a ratio of rates")
+        _print_run("transformers", baseline)
+    llm = None
+    _empty_cache(device)
+
+    result = {
+        "date": started.isoformat(timespec="seconds"),
+        "device": str(device),
+        "device_name": device_name(device),
+        "python_version": platform.python_version(),
+        "torch_version": torch.__version__,
+        "triton_version": _version("triton"),
+        "transformers_version": _version("transformers"),
+        "command": opts.command or _api_command(kwargs),
+        "model": opts.model,
+        "load_format": opts.load_format,
+        "dtype": str(dtype).removeprefix("torch."),
+        "num_params": num_params,
+        "workload": opts.workload,
+        "workload_file": None if workload.path is None else str(workload.path),
+        "seed": opts.seed,
+        "temperature": opts.temperature,
+        "engine_options": {"max_num_batched_tokens": opts.max_num_batched_tokens,
+                           "max_num_seqs": opts.max_num_seqs, "max_model_len": max_len, **opts.engine_args},
+        "warmup": {"requests": opts.warmup_requests, "max_output_tokens": WARMUP_MAX_OUTPUT_TOKENS,
+                   "note": "untimed generate before each timed engine run, excluded from every figure"},
+        **runs["main"],
+        "compare": runs.get("compare"),
+        "baseline": baseline,
+    }
+    print(format_table(result), flush=True)
+    if opts.output_json:
+        path = Path(opts.output_json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"[bench] wrote {path}", flush=True)
+    return result
+
+
+def _build_llm(opts: ThroughputOptions, plan: str):
+    from nanoflow import LLM  # imported here so `nanoflow --help` does not pay for the engine
+
+    kwargs = dict(load_format=opts.load_format, dtype=opts.dtype, device=opts.device, seed=opts.seed,
+                  plan=plan, **opts.engine_args)
+    for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
+        if getattr(opts, name) is not None:
+            kwargs[name] = getattr(opts, name)
+    t0 = time.perf_counter()
+    llm = LLM(model=opts.model, **kwargs)
+    print(f"[bench] engine ready in {time.perf_counter() - t0:.1f} s (plan {plan!r})", flush=True)
+    return llm
+
+
+def _max_model_len(llm, opts: ThroughputOptions) -> int:
+    """The engine's context limit (EngineConfig: max_model_len, else the model's max_position_embeddings)."""
+    engine_len = getattr(llm.engine, "max_model_len", None)
+    if engine_len is not None:
+        return int(engine_len)
+    return opts.max_model_len or llm.model_config.max_position_embeddings
+
+
+def _warmup_requests(workload: Workload, opts: ThroughputOptions, vocab_size: int,
+                     max_len: int) -> list[BenchRequest]:
+    if opts.warmup_requests == 0:
+        return []
+    sample = sample_requests(workload, opts.warmup_requests, opts.seed + WARMUP_SEED_OFFSET, vocab_size, max_len)
+    return [dataclasses.replace(r, output_len=min(r.output_len, WARMUP_MAX_OUTPUT_TOKENS)) for r in sample]
+
+
+def _generate_inputs(requests: list[BenchRequest], temperature: float) -> tuple[list[dict], list]:
+    from nanoflow import SamplingParams
+
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
+    params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=temperature)
+              for r in requests]
+    return prompts, params
+
+
+def _timed_run(llm, plan: str, requests: list[BenchRequest], warmup: list[BenchRequest],
+               opts: ThroughputOptions, device: torch.device) -> TimedRun:
+    if warmup:
+        t0 = time.perf_counter()
+        llm.generate(*_generate_inputs(warmup, opts.temperature), use_tqdm=False)
+        print(f"[bench] warm-up: {len(warmup)} requests in {time.perf_counter() - t0:.1f} s (excluded)", flush=True)
+    prompts, params = _generate_inputs(requests, opts.temperature)
+    gemm = measure_gemm_peak(device)
+    step_log = getattr(llm.engine, "step_times", None)
+    first_step = len(step_log) if step_log is not None else 0
+    _synchronize(device)
+    t0 = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=opts.use_tqdm)
+    _synchronize(device)
+    wall = time.perf_counter() - t0
+    # step_times is append-only: this run's steps are the ones after the snapshot.
+    steps = step_statistics(step_log[first_step:]) if step_log is not None else None
+    stats = llm.engine.stats() if hasattr(llm.engine, "stats") else None
+    return TimedRun(
+        plan=plan, requests=len(requests),
+        input_tokens=sum(len(r.prompt_token_ids) for r in requests),
+        output_tokens=sum(len(c.token_ids) for o in outputs for c in o.outputs),
+        expected_output_tokens=sum(r.output_len for r in requests),
+        wall_s=wall, steps=steps, gemm=gemm,
+        engine_stats=dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else None)
+
+
+def _model_dtype_device(llm) -> tuple[torch.dtype, torch.device]:
+    """The engine's weight dtype and device (what the HF baseline must use too)."""
+    weight = llm.engine.model.embed_tokens
+    return weight.dtype, weight.device
+
+
+def _empty_cache(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:  # not installed, or broken on this machine
+        return None
+
+
+def _api_command(kwargs: dict) -> str:
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    return f"nanoflow.bench.throughput.run_throughput({args})"
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def _print_run(label: str, run: dict) -> None:
+    print(f"[bench] {label}: {run['requests']} requests in {run['wall_s']:.2f} s, "
+          f"{_fmt(run['total_tokens_per_s'])} total tokens/s, {_fmt(run['output_tokens_per_s'])} output tokens/s",
+          flush=True)
+
+
+def format_table(result: dict) -> str:
+    """The compact summary printed at the end of a run."""
+    header = ("system", "plan", "requests", "wall s", "total tok/s", "output tok/s", "req/s",
+              "steady tok/s", "% opt", "% opt steady")
+    rows = []
+    for label, run in (("nanoflow", result), ("nanoflow compare", result.get("compare"))):
+        if run is None:
+            continue
+        rows.append((label, run["plan"], str(run["requests"]), f"{run['wall_s']:.2f}",
+                     _fmt(run["total_tokens_per_s"]), _fmt(run["output_tokens_per_s"]),
+                     _fmt(run["requests_per_s"], 2), _fmt(run["steady_state_total_tokens_per_s"]),
+                     _fmt(run["pct_of_optimal"], 1), _fmt(run["steady_state_pct_of_optimal"], 1)))
+    base = result.get("baseline")
+    if base is not None:
+        optimal = result["optimal_tokens_per_s"]
+        rows.append(("transformers", f"static bs={base['batch_size']}", str(base["requests"]),
+                     f"{base['wall_s']:.2f}", _fmt(base["total_tokens_per_s"]),
+                     _fmt(base["output_tokens_per_s"]), _fmt(base["requests_per_s"], 2), "n/a",
+                     _fmt(100.0 * base["total_tokens_per_s"] / optimal, 1), "n/a"))
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.rjust(w) if i > 1 else c.ljust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    gemm = result["gemm"]
+    flag = " (CPU or small n: % of optimal is only illustrative)" if gemm["illustrative"] else ""
+    out = [
+        f"== nanoflow bench throughput: {result['model']} ({result['num_params'] / 1e9:.3f}B params, "
+        f"{result['dtype']}) on {result['device_name']}, workload {result['workload']}, {result['date']}",
+        f"GEMM peak {gemm['tflops']:.4g} TFLOP/s ({gemm['dtype']} n={gemm['n']}, median of {gemm['iters']})"
+        f"{flag}; optimal {_fmt(result['optimal_tokens_per_s'])} tokens/s",
+        line(header), line(["-" * w for w in widths]), *(line(r) for r in rows),
+        "total tok/s = (prompt + output tokens) / wall time of the timed region (end-to-end); "
+        "steady = middle 80% of steps by time",
+    ]
+    if result.get("compare") is not None:
+        out.append(f"plan ratio {result['plan']!r} / {result['compare']['plan']!r}: {result['compare']['ratio']:.3f}x")
+    if base is not None:
+        out.append(f"nanoflow / transformers: {base['ratio']:.2f}x ({base['ratio_means']})")
+    if not result["exact_output_lengths"]:
+        out.append(f"WARNING: generated {result['output_tokens']} output tokens, expected "
+                   f"{result['expected_output_tokens']}")
+    return "\n".join(out)
+
+
+# ---- transformers baseline -----------------------------------------------------------------------
+def run_hf_baseline(weights: dict[str, torch.Tensor], model_config, device: torch.device, dtype: torch.dtype,
+                    requests: list[BenchRequest], batch_size: int, temperature: float) -> dict:
+    """Times transformers' static batched `generate` on `requests` with the given (Hugging Face-named)
+    weights: batches of `batch_size` consecutive requests, left-padded, each batch generating exactly
+    the longest output length in it (min_new_tokens = max_new_tokens). A request's tokens past its own
+    output length are static batching's waste: they count in `generated_tokens`, not in the rates."""
+    import transformers
+
+    model = build_hf_model(weights, model_config, device, dtype)
+    eos = list(model_config.eos_token_ids)
+    pad = eos[0] if eos else 0
+    batches = [requests[i:i + batch_size] for i in range(0, len(requests), batch_size)]
+    with torch.inference_mode():
+        _hf_generate(model, batches[0], HF_WARMUP_NEW_TOKENS, temperature, pad, eos, device)
+        _synchronize(device)
+        t0 = time.perf_counter()
+        generated = [_hf_generate(model, b, max(r.output_len for r in b), temperature, pad, eos, device)
+                     for b in batches]
+        _synchronize(device)
+        wall = time.perf_counter() - t0
+    del model
+    _empty_cache(device)
+    input_tokens = sum(len(r.prompt_token_ids) for r in requests)
+    output_tokens = sum(r.output_len for r in requests)
+    exact = all(n == max(r.output_len for r in b) for n, b in zip(generated, batches))
+    return {
+        "system": "transformers",
+        "transformers_version": transformers.__version__,
+        "method": "static batched generate, left padding, min_new_tokens = max_new_tokens",
+        "batch_size": batch_size,
+        "requests": len(requests),
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "generated_tokens": sum(n * len(b) for n, b in zip(generated, batches)),
+        "exact_output_lengths": exact,
+        "wall_s": wall,
+        "total_tokens_per_s": (input_tokens + output_tokens) / wall,
+        "output_tokens_per_s": output_tokens / wall,
+        "requests_per_s": len(requests) / wall,
+        "warmup": f"one untimed generate of the first batch with {HF_WARMUP_NEW_TOKENS} new tokens",
+        "same_weights": True,
+    }
+
+
+def build_hf_model(weights: dict[str, torch.Tensor], model_config, device: torch.device, dtype: torch.dtype):
+    """A transformers model of `model_config` holding exactly `weights` (RuntimeError if any is missing)."""
+    import transformers
+
+    hf = model_config.to_hf_dict()
+    config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+    if getattr(config, "sliding_window", None) is not None:
+        config.sliding_window = None  # nanoflow attends to the whole context
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.to(device=device, dtype=dtype)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"transformers model does not match the exported weights: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    return model.eval()
+
+
+def _hf_generate(model, batch: list[BenchRequest], new_tokens: int, temperature: float, pad: int,
+                 eos: list[int], device: torch.device) -> int:
+    """One left-padded generate call; returns the number of tokens generated per row."""
+    import transformers
+
+    width = max(len(r.prompt_token_ids) for r in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, r in enumerate(batch):
+        ids[row, width - len(r.prompt_token_ids):] = torch.tensor(r.prompt_token_ids, dtype=torch.long)
+        mask[row, width - len(r.prompt_token_ids):] = 1
+    sampling = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0) if temperature > 0 \
+        else dict(do_sample=False)
+    config = transformers.GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                           pad_token_id=pad, eos_token_id=eos or None, **sampling)
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+    return out.shape[1] - width
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
+def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds the `nanoflow bench throughput` options to `parser`."""
+    d = ThroughputOptions()
+    parser.add_argument("--model", default=d.model, help="model directory, dummy preset (llama-3-8b, ...) or 'default'")
+    parser.add_argument("--load-format", default=d.load_format, choices=["auto", "safetensors", "dummy"])
+    parser.add_argument("--dtype", default=d.dtype, help="auto, bfloat16, float16 or float32")
+    parser.add_argument("--device", default=d.device, help="auto, cuda, cuda:N or cpu")
+    parser.add_argument("--workload", default=d.workload,
+                        help="constant:IN:OUT, splitwise, lmsys, sharegpt, or a PATH.csv (default %(default)s)")
+    parser.add_argument("--num-requests", type=int, default=d.num_requests, help="timed requests (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the requests and the engine")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of a dense batch")
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="most requests running at once")
+    parser.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")
+    parser.add_argument("--plan", default=d.plan, help="pipeline plan: sequential, auto, or a plan JSON")
+    parser.add_argument("--compare", metavar="PLAN", default=None,
+                        help="also run the same requests with this plan (same process) and report the ratio")
+    parser.add_argument("--baseline", choices=["hf"], default=None,
+                        help="also run transformers' static batched generate with the same weights")
+    parser.add_argument("--hf-batch-size", type=int, default=d.hf_batch_size, help="(default %(default)s)")
+    parser.add_argument("--hf-num-requests", type=int, default=d.hf_num_requests,
+                        help="the HF baseline runs the first N requests; rates are compared (default %(default)s)")
+    parser.add_argument("--warmup-requests", type=int, default=d.warmup_requests,
+                        help="untimed warm-up requests before each timed run (default %(default)s)")
+    parser.add_argument("--temperature", type=float, default=d.temperature,
+                        help="sampling temperature of every request, 0 = greedy (default %(default)s)")
+    parser.add_argument("--output-json", default=None, metavar="PATH", help="write the result JSON here")
+    parser.add_argument("--trace-dir", default=None,
+                        help="folder of the trace CSVs (default: $NANOFLOW_TRACE_DIR, ../shared/traces, "
+                             "./.carry/traces)")
+    parser.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+    from nanoflow.entrypoints.cli import add_engine_args  # the other EngineConfig fields, as for `generate`
+
+    add_engine_args(parser, skip=_DEDICATED_ENGINE_FIELDS)
+    return parser
+
+
+def engine_args_from(args: argparse.Namespace) -> dict:
+    """The EngineConfig fields without a dedicated benchmark flag that differ from their defaults."""
+    out = {}
+    for f in dataclasses.fields(EngineConfig):
+        if f.name in _DEDICATED_ENGINE_FIELDS or not hasattr(args, f.name):
+            continue
+        if getattr(args, f.name) != f.default:
+            out[f.name] = getattr(args, f.name)
+    return out
+
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Runs the benchmark from parsed CLI args; 0 on success, 1 if output lengths were not exact, 2 on bad input."""
+    try:
+        result = run_throughput(
+            model=args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
+            workload=args.workload, num_requests=args.num_requests, seed=args.seed,
+            max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+            max_model_len=args.max_model_len, plan=args.plan, compare=args.compare, baseline=args.baseline,
+            hf_batch_size=args.hf_batch_size, hf_num_requests=args.hf_num_requests,
+            warmup_requests=args.warmup_requests, temperature=args.temperature, output_json=args.output_json,
+            trace_dir=args.trace_dir, engine_args=engine_args_from(args),
+            use_tqdm=not args.disable_tqdm, command=command_line())
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    runs = [result, result.get("compare")]
+    exact = all(r["exact_output_lengths"] for r in runs if r is not None)
+    base = result.get("baseline")
+    exact = exact and (base is None or base["exact_output_lengths"])
+    return 0 if exact else 1
+
+
+def command_line() -> str:
+    """This process's command line, as typed (`nanoflow ...` or `python -m module ...`)."""
+    argv = list(sys.argv)
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:
+        module = spec.name.removesuffix(".__main__")
+        return shlex.join(["python", "-m", module, *argv[1:]])
+    argv[0] = Path(argv[0]).name if argv else "nanoflow"
+    return shlex.join(argv)
