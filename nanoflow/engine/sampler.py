@@ -28,7 +28,8 @@ class SamplingBatch:
     prompt_token_ids: list[list[int]]
     """Prompt of each row (for the repetition penalty)."""
     output_token_ids: list[list[int]]
-    """Tokens each row generated before this step (penalties, min_tokens)."""
+    """Tokens each row generated before this step (penalties, min_tokens). Ids outside the vocabulary
+    (the engine's -1 placeholder for a token still in flight) count for min_tokens, not for penalties."""
     generators: list[torch.Generator | None]
     """Seeded generator of each row on the logits' device, None for unseeded rows (see make_generator)."""
 
