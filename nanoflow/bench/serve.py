@@ -364,14 +364,18 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _plot(label: str, runs: list[dict[str, Any]], compare: list[str], path: str, workload: str) -> None:
     from nanoflow.bench.plot import plot_latency_vs_rate
-    series = {f"{label} (mean)": [(m["request_rate"], m["mean_normalized_latency_ms"]) for m in runs],
-              f"{label} (p99)": [(m["request_rate"], m["p99_normalized_latency_ms"]) for m in runs]}
+    sweeps = [(label, runs)]
     for file in compare:
         saved = json.loads(Path(file).read_text())
         if "runs" not in saved:
             raise ValueError(f"{file} holds no sweep (write one with --sweep ... --output-json)")
-        other = saved.get("label") or file
-        series[f"{other} (mean)"] = [(m["request_rate"], m["mean_normalized_latency_ms"]) for m in saved["runs"]]
-        series[f"{other} (p99)"] = [(m["request_rate"], m["p99_normalized_latency_ms"]) for m in saved["runs"]]
+        sweeps.append((saved.get("label") or file, saved["runs"]))
+    series, groups, dashed = {}, {}, []
+    for name, sweep in sweeps:
+        for stat in ("mean", "p99"):
+            key = f"{name} ({stat})"
+            series[key] = [(m["request_rate"], m[f"{stat}_normalized_latency_ms"]) for m in sweep]
+            groups[key] = name
+        dashed.append(f"{name} (p99)")
     plot_latency_vs_rate(series, path, title=f"Normalized latency vs request rate, {workload}",
-                         dashed=[name for name in series if name.endswith("(p99)")])
+                         dashed=dashed, groups=groups)

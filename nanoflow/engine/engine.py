@@ -23,6 +23,9 @@ from nanoflow.outputs import CompletionOutput, Logprob, RequestOutput
 from nanoflow.sampling_params import SamplingParams
 
 
+_MAX_STEP_RECORDS = 1_000_000
+
+
 class QueueFullError(RuntimeError):
     """The waiting queue is at EngineConfig.max_waiting_requests; retry later."""
 
@@ -219,6 +222,8 @@ class LLMEngine:
             if len(r.output_token_ids) >= r.max_tokens:  # known now: stop scheduling it
                 self.scheduler.finish(r, RequestStatus.FINISHED_LENGTH)
         self.step_times.append((start, time.perf_counter(), sched.num_tokens))
+        if len(self.step_times) > _MAX_STEP_RECORDS:  # a long-lived server: keep the recent half
+            del self.step_times[:_MAX_STEP_RECORDS // 2]
         return flight
 
     def _process(self, flight: _InFlight) -> list[RequestOutput]:
