@@ -183,6 +183,8 @@ class TimedRun:
     """The GEMM peak measured right before this run."""
     engine_stats: dict | None
     """llm.engine.stats() after the run."""
+    gpu_idle: dict | None = None
+    """Device busy vs. idle time between steps (CUDA events around each step), on CUDA."""
 
     def metrics(self, num_params: int) -> dict:
         """The figures BENCHMARKING.md asks for, as a flat dict."""
@@ -208,6 +210,7 @@ class TimedRun:
             "steady_state_pct_of_optimal": None if steady is None else 100.0 * steady / optimal,
             "steps": None if self.steps is None else self.steps.to_dict(),
             "engine_stats": self.engine_stats,
+            "gpu_idle": self.gpu_idle,
         }
 
 
@@ -342,6 +345,8 @@ def _timed_run(llm, plan: str, requests: list[BenchRequest], warmup: list[BenchR
     prompts, params = _generate_inputs(requests, opts.temperature)
     gemm = measure_gemm_peak(device)
     step_log = getattr(llm.engine, "step_times", None)
+    if device.type == "cuda":
+        llm.engine.start_gpu_timeline()
     first_step = len(step_log) if step_log is not None else 0
     _synchronize(device)
     t0 = time.perf_counter()
@@ -351,12 +356,13 @@ def _timed_run(llm, plan: str, requests: list[BenchRequest], warmup: list[BenchR
     # step_times is append-only: this run's steps are the ones after the snapshot.
     steps = step_statistics(step_log[first_step:]) if step_log is not None else None
     stats = llm.engine.stats() if hasattr(llm.engine, "stats") else None
+    gpu_idle = llm.engine.gpu_idle_stats() if device.type == "cuda" else None
     return TimedRun(
         plan=plan, requests=len(requests),
         input_tokens=sum(len(r.prompt_token_ids) for r in requests),
         output_tokens=sum(len(c.token_ids) for o in outputs for c in o.outputs),
         expected_output_tokens=sum(r.output_len for r in requests),
-        wall_s=wall, steps=steps, gemm=gemm,
+        wall_s=wall, steps=steps, gemm=gemm, gpu_idle=gpu_idle,
         engine_stats=dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else None)
 
 
@@ -432,6 +438,10 @@ def format_table(result: dict) -> str:
         "total tok/s = (prompt + output tokens) / wall time of the timed region (end-to-end); "
         "steady = middle 80% of steps by time",
     ]
+    idle = result.get("gpu_idle")
+    if idle:
+        out.append(f"GPU idle between steps: {100 * idle['idle_fraction']:.1f}% of the run "
+                   f"(mean gap {idle['mean_idle_gap_ms']:.3f} ms over {idle['steps']} steps; CUDA events)")
     if result.get("compare") is not None:
         out.append(f"plan ratio {result['plan']!r} / {result['compare']['plan']!r}: {result['compare']['ratio']:.3f}x")
     if base is not None:

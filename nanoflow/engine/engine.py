@@ -104,6 +104,7 @@ class LLMEngine:
         self._groups: dict[str, _Group] = {}
         self._arrivals = itertools.count()
         self._inflight: _InFlight | None = None
+        self._gpu_timeline: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
         self.step_times: list[tuple[float, float, int]] = []
         """(start_s, end_s, num_tokens) of every step, for benchmarks."""
 
@@ -199,6 +200,7 @@ class LLMEngine:
         if not sched.scheduled:
             return None
         start = time.perf_counter()
+        gpu_start = self._record_event()
         prev = self._inflight
         pending = {r: j for j, r in enumerate(prev.sampling)} if prev is not None else None
         batch = self.runner.build_batch(sched, pending, prev.token_ids if prev is not None else None)
@@ -211,9 +213,9 @@ class LLMEngine:
             generators=[r.engine_state.generator for r in sampling]))
         flight = _InFlight(sampling, out.token_ids, *[_to_host(t) for t in (
             out.token_ids, out.logprobs, out.top_logprobs, out.top_token_ids)])
-        if self.device.type == "cuda":
-            flight.event = torch.cuda.Event()
-            flight.event.record()
+        flight.event = self._record_event(always=True)
+        if gpu_start is not None:
+            self._gpu_timeline.append((gpu_start, flight.event))
         for r, n in sched.scheduled:
             r.num_computed_tokens += n
         for r in sampling:
@@ -303,6 +305,30 @@ class LLMEngine:
                 and ids and (ids[-1] in self.eos_token_ids or ids[-1] in seq.params.stop_token_ids):
             ids = ids[:-1]
         return self.tokenizer.decode(ids, skip_special_tokens=seq.params.skip_special_tokens)
+
+    def _record_event(self, always: bool = False) -> torch.cuda.Event | None:
+        if self.device.type != "cuda" or (self._gpu_timeline is None and not always):
+            return None
+        event = torch.cuda.Event(enable_timing=self._gpu_timeline is not None)
+        event.record()
+        return event
+
+    def start_gpu_timeline(self) -> None:
+        """Record a device event around every step from now on (benchmarks: GPU idle between steps)."""
+        self._gpu_timeline = []
+
+    def gpu_idle_stats(self) -> dict | None:
+        """Device time inside steps vs. idle between consecutive steps, over the recorded timeline."""
+        if not self._gpu_timeline:
+            return None
+        torch.cuda.synchronize(self.device)
+        events = self._gpu_timeline
+        busy = sum(a.elapsed_time(b) for a, b in events)
+        idle = sum(max(0.0, prev[1].elapsed_time(cur[0])) for prev, cur in zip(events, events[1:]))
+        span = events[0][0].elapsed_time(events[-1][1])
+        return {"steps": len(events), "busy_ms": busy, "idle_ms": idle, "span_ms": span,
+                "idle_fraction": idle / span if span > 0 else 0.0,
+                "mean_idle_gap_ms": idle / max(1, len(events) - 1)}
 
     # ---- introspection --------------------------------------------------------------------------
     def stats(self) -> EngineStats:

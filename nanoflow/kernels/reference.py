@@ -9,25 +9,31 @@ from __future__ import annotations
 import torch
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """Every kernel may write into a caller's buffer (a slice of the step workspace)."""
+    return result if out is None else out.copy_(result)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """RMSNorm in fp32, cast back to x's dtype (as transformers' LlamaRMSNorm does)."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    return _into(weight * xf.to(x.dtype), out)
 
 
 def fused_add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *,
+    out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (rms_norm(x + residual), x + residual). The sum is the new residual stream."""
     new_residual = x + residual
-    return rms_norm(new_residual, weight, eps), new_residual
+    return rms_norm(new_residual, weight, eps, out=out), _into(new_residual, residual_out)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """x is [T, 2I] = [gate | up]; returns silu(gate) * up, [T, I]."""
     gate, up = x.chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate) * up
+    return _into(torch.nn.functional.silu(gate) * up, out)
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
@@ -49,15 +55,19 @@ def rope_and_cache_write(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    *,
+    q_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rotates q and k, writes rotated k and v into the paged cache at slot_mapping
-    (slot = block * block_size + offset). Returns rotated q [T, Hq, D]."""
+    (slot = block * block_size + offset; negative slots are skipped: padding). Returns rotated q [T, Hq, D]."""
     q_rot = apply_rope(q, positions, cos_sin)
     k_rot = apply_rope(k, positions, cos_sin)
     num_blocks, block_size = k_cache.shape[:2]
-    k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slot_mapping] = k_rot.to(k_cache.dtype)
-    v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slot_mapping] = v.to(v_cache.dtype)
-    return q_rot
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slots] = k_rot[keep].to(k_cache.dtype)
+    v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+    return _into(q_rot, q_out)
 
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -87,10 +97,12 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per request. q [R, Hq, D]; block_tables [R, max_blocks] int32;
     seq_lens [R] = context length including the current token. Returns [R, Hq, D]."""
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     lens = seq_lens.tolist()
     for r, length in enumerate(lens):
         k = _gather_context(k_cache, block_tables[r], length)
@@ -107,11 +119,13 @@ def paged_prefill_attention(
     query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Chunked prefill over the paged cache: request r owns query rows
     query_start_loc[r]:query_start_loc[r+1], which sit at the last positions of its seq_lens[r]
     context (earlier context was cached by previous steps). q [T, Hq, D] -> [T, Hq, D]."""
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     for r, length in enumerate(lens):

@@ -74,10 +74,8 @@ class LlamaDecoderLayer(nn.Module):
     # The ops, in order. Each reads and writes rows lo:hi of the workspace.
     def _input_norm(self, s: StepState, lo: int, hi: int) -> None:
         ws = s.ws
-        normed, residual = self.model.kernels.fused_add_rms_norm(
-            ws.hidden[lo:hi], ws.residual[lo:hi], self.input_norm, self.eps)
-        ws.normed[lo:hi].copy_(normed)
-        ws.residual[lo:hi].copy_(residual)
+        self.model.kernels.fused_add_rms_norm(ws.hidden[lo:hi], ws.residual[lo:hi], self.input_norm, self.eps,
+                                              out=ws.normed[lo:hi], residual_out=ws.residual[lo:hi])
 
     def _qkv_gemm(self, s: StepState, lo: int, hi: int) -> None:
         _linear_into(s.ws.qkv[lo:hi], s.ws.normed[lo:hi], self.qkv_weight, self.qkv_bias)
@@ -90,9 +88,9 @@ class LlamaDecoderLayer(nn.Module):
         v = qkv[:, q_w + kv_w:].view(-1, self.num_kv, self.head_dim)
         k_cache, v_cache = s.kv_caches[self.index]
         b = s.batch
-        q_rot = self.model.kernels.rope_and_cache_write(
-            q, k, v, b.positions[lo:hi], self.model.cos_sin, k_cache, v_cache, b.slot_mapping[lo:hi])
-        s.ws.q_rot[lo:hi].copy_(q_rot.reshape(hi - lo, -1))
+        self.model.kernels.rope_and_cache_write(
+            q, k, v, b.positions[lo:hi], self.model.cos_sin, k_cache, v_cache, b.slot_mapping[lo:hi],
+            q_out=s.ws.q_rot[lo:hi].view(-1, self.num_q, self.head_dim))
 
     def _decode_attn(self, s: StepState, lo: int, hi: int) -> None:
         b = s.batch
@@ -101,9 +99,9 @@ class LlamaDecoderLayer(nn.Module):
             return
         k_cache, v_cache = s.kv_caches[self.index]
         q = s.ws.q_rot[lo:hi].view(-1, self.num_q, self.head_dim)
-        out = self.model.kernels.paged_decode_attention(
-            q, k_cache, v_cache, b.block_tables[lo:hi], b.seq_lens[lo:hi], self.scale)
-        s.ws.attn_out[lo:hi].copy_(out.reshape(hi - lo, -1))
+        self.model.kernels.paged_decode_attention(
+            q, k_cache, v_cache, b.block_tables[lo:hi], b.seq_lens[lo:hi], self.scale,
+            out=s.ws.attn_out[lo:hi].view(-1, self.num_q, self.head_dim))
 
     def _prefill_attn(self, s: StepState, lo: int, hi: int) -> None:
         b = s.batch
@@ -113,26 +111,23 @@ class LlamaDecoderLayer(nn.Module):
         row0, row1 = b.query_start_loc_cpu[r0], b.query_start_loc_cpu[r1]
         k_cache, v_cache = s.kv_caches[self.index]
         q = s.ws.q_rot[row0:row1].view(-1, self.num_q, self.head_dim)
-        out = self.model.kernels.paged_prefill_attention(
+        self.model.kernels.paged_prefill_attention(
             q, k_cache, v_cache, b.block_tables[r0:r1], b.query_start_loc[r0:r1 + 1] - row0,
-            b.seq_lens[r0:r1], self.scale)
-        s.ws.attn_out[row0:row1].copy_(out.reshape(row1 - row0, -1))
+            b.seq_lens[r0:r1], self.scale, out=s.ws.attn_out[row0:row1].view(-1, self.num_q, self.head_dim))
 
     def _o_gemm(self, s: StepState, lo: int, hi: int) -> None:
         _linear_into(s.ws.hidden[lo:hi], s.ws.attn_out[lo:hi], self.o_weight, None)
 
     def _post_norm(self, s: StepState, lo: int, hi: int) -> None:
         ws = s.ws
-        normed, residual = self.model.kernels.fused_add_rms_norm(
-            ws.hidden[lo:hi], ws.residual[lo:hi], self.post_norm, self.eps)
-        ws.normed[lo:hi].copy_(normed)
-        ws.residual[lo:hi].copy_(residual)
+        self.model.kernels.fused_add_rms_norm(ws.hidden[lo:hi], ws.residual[lo:hi], self.post_norm, self.eps,
+                                              out=ws.normed[lo:hi], residual_out=ws.residual[lo:hi])
 
     def _gate_up_gemm(self, s: StepState, lo: int, hi: int) -> None:
         _linear_into(s.ws.gate_up[lo:hi], s.ws.normed[lo:hi], self.gate_up_weight, None)
 
     def _act(self, s: StepState, lo: int, hi: int) -> None:
-        s.ws.act[lo:hi].copy_(self.model.kernels.silu_and_mul(s.ws.gate_up[lo:hi]))
+        self.model.kernels.silu_and_mul(s.ws.gate_up[lo:hi], out=s.ws.act[lo:hi])
 
     def _down_gemm(self, s: StepState, lo: int, hi: int) -> None:
         _linear_into(s.ws.hidden[lo:hi], s.ws.act[lo:hi], self.down_weight, None)
