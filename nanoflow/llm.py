@@ -22,6 +22,10 @@ class LLM:
         self.model_config = self.engine.model_config
         self._counter = 0
 
+    def set_plan(self, plan: str) -> None:
+        """Switch the pipeline plan between generate calls (same weights, same KV cache)."""
+        self.engine.set_plan(plan)
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 

@@ -19,6 +19,8 @@ from nanoflow.engine.sampler import Sampler, SamplingBatch, make_generator
 from nanoflow.engine.scheduler import Scheduler, SchedulerConfig
 from nanoflow.kernels import select_kernels
 from nanoflow.models.loader import load_model, load_tokenizer
+from nanoflow.pipeline.executor import make_executor
+from nanoflow.pipeline.plan import resolve_plan
 from nanoflow.outputs import CompletionOutput, Logprob, RequestOutput
 from nanoflow.sampling_params import SamplingParams
 
@@ -100,6 +102,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(token_budget, self.config.max_num_seqs, self.config.kv_admission_ratio), self.kv)
         self.runner = ModelRunner(self.model, self.kv, token_budget)
+        self.set_plan(self.config.plan)
         self.sampler = Sampler(self.eos_token_ids, seed=self.config.seed)
         self._groups: dict[str, _Group] = {}
         self._arrivals = itertools.count()
@@ -118,6 +121,12 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
             ids.append(self.tokenizer.eos_token_id)
         return ids
+
+    def set_plan(self, spec: str) -> None:
+        """Switch the pipeline plan ('sequential', a built-in name, a JSON file, or 'auto')."""
+        plan = resolve_plan(spec, self)
+        self.runner.executor = make_executor(plan, self.model.layers[0].ops, self.device)
+        self.plan_name = plan.name
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:

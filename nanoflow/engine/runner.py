@@ -9,7 +9,7 @@ from nanoflow.engine.forward_batch import ForwardBatch
 from nanoflow.engine.kv_cache import KVCacheManager
 from nanoflow.engine.scheduler import SchedulerOutput
 from nanoflow.models.llama import LlamaForCausalLM, StepState
-from nanoflow.pipeline.executor import SequentialExecutor
+from nanoflow.pipeline.executor import PlanExecutor, make_executor
 
 # Room left for logits and sampler temporaries when sizing the KV cache on a GPU.
 _ACTIVATION_RESERVE_BYTES = 1 << 30
@@ -37,7 +37,8 @@ def choose_num_blocks(model: LlamaForCausalLM, block_size: int, device: torch.de
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, kv: KVCacheManager, token_budget: int, executor=None):
+    def __init__(self, model: LlamaForCausalLM, kv: KVCacheManager, token_budget: int,
+                 executor: PlanExecutor | None = None):
         self.model = model
         self.kv = kv
         self.device = model.device
@@ -48,7 +49,7 @@ class ModelRunner:
                            torch.zeros(shape, dtype=model.dtype, device=self.device))
                           for _ in range(cfg.num_hidden_layers)]
         self.workspace = model.new_workspace(token_budget)
-        self.executor = executor or SequentialExecutor()
+        self.executor = executor or make_executor(None, self.model.layers[0].ops, self.device)
 
     def build_batch(self, sched: SchedulerOutput, pending_source: dict | None = None,
                     prev_tokens: torch.Tensor | None = None) -> ForwardBatch:
@@ -109,6 +110,5 @@ class ModelRunner:
         """Runs the model on the batch; returns fp32 logits of the rows in batch.logits_indices."""
         state = StepState(batch, self.workspace, self.kv_caches)
         self.model.embed(state)
-        for layer in self.model.layers:
-            self.executor.run_layer(layer.ops, state, batch.num_tokens)
+        self.executor.run([layer.ops for layer in self.model.layers], state)
         return self.model.compute_logits(state)

@@ -41,6 +41,8 @@ class StepState:
     batch: ForwardBatch
     ws: Workspace
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    sm_budget: int | None = None
+    """SM budget of the nano-op being issued (set by the executor; None = whole device)."""
 
 
 def _linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -135,16 +137,17 @@ class LlamaDecoderLayer(nn.Module):
     def _build_ops(self) -> list[Op]:
         C, M = Resource.COMPUTE, Resource.MEMORY
         return [
-            Op("input_norm", M, self._input_norm),
-            Op("qkv_gemm", C, self._qkv_gemm),
-            Op("rope_kv_write", M, self._rope_kv_write),
-            Op("decode_attn", M, self._decode_attn, RowScope.DECODE),
-            Op("prefill_attn", C, self._prefill_attn, RowScope.PREFILL),
-            Op("o_gemm", C, self._o_gemm),
-            Op("post_norm", M, self._post_norm),
-            Op("gate_up_gemm", C, self._gate_up_gemm),
-            Op("act", M, self._act),
-            Op("down_gemm", C, self._down_gemm),
+            Op("input_norm", M, self._input_norm, reads=("hidden", "residual"), writes=("normed", "residual")),
+            Op("qkv_gemm", C, self._qkv_gemm, reads=("normed",), writes=("qkv",)),
+            Op("rope_kv_write", M, self._rope_kv_write, reads=("qkv",), writes=("q_rot", "kv")),
+            Op("decode_attn", M, self._decode_attn, RowScope.DECODE, reads=("q_rot", "kv"), writes=("attn_out",)),
+            Op("prefill_attn", C, self._prefill_attn, RowScope.PREFILL, reads=("q_rot", "kv"),
+               writes=("attn_out",)),
+            Op("o_gemm", C, self._o_gemm, reads=("attn_out",), writes=("hidden",)),
+            Op("post_norm", M, self._post_norm, reads=("hidden", "residual"), writes=("normed", "residual")),
+            Op("gate_up_gemm", C, self._gate_up_gemm, reads=("normed",), writes=("gate_up",)),
+            Op("act", M, self._act, reads=("gate_up",), writes=("act",)),
+            Op("down_gemm", C, self._down_gemm, reads=("act",), writes=("hidden",)),
         ]
 
 

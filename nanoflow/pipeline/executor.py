@@ -1,14 +1,206 @@
-"""Runs a layer's ops under a plan. The sequential plan calls every op once on all rows."""
+"""Runs the decoder layers under a plan: nano-ops issued in the plan's order on their streams, with
+events only where a nano-op depends on one from another stream. Dependencies come from data hazards
+(read-after-write, write-after-read, write-after-write on overlapping rows of a workspace buffer), so
+every plan computes what the sequential one computes. On CPU the same nano-ops run in issue order."""
 from __future__ import annotations
 
-from nanoflow.pipeline.ops import Op
+from dataclasses import dataclass, field
+
+import torch
+
+from nanoflow.pipeline.ops import Op, RowScope
+from nanoflow.pipeline.plan import SEQUENTIAL, Plan
 
 
-class SequentialExecutor:
-    """One nano-batch, one stream: the 'overlap off' baseline that every plan must match."""
+@dataclass(eq=False)
+class NanoOp:
+    layer: int
+    op: Op
+    lo: int
+    hi: int
+    stream: int
+    sm_budget: int | None
+    deps: list["NanoOp"] = field(default_factory=list)
+    needs_event: bool = False
+    index: int = 0
 
-    name = "sequential"
 
-    def run_layer(self, ops: list[Op], state, num_tokens: int) -> None:
-        for op in ops:
-            op.fn(state, 0, num_tokens)
+def op_rows(op: Op, lo: int, hi: int, batch) -> tuple[int, int]:
+    """The rows a nano-op really touches: clipped to its scope; prefill cut at request bounds."""
+    if op.scope == RowScope.DECODE:
+        return lo, min(hi, batch.num_decode)
+    if op.scope == RowScope.PREFILL:
+        r0, r1 = batch.prefill_request_range(lo, hi)
+        starts = batch.query_start_loc_cpu
+        return starts[r0], starts[r1]
+    return lo, hi
+
+
+def expected_producers(ops: list[Op]) -> dict[tuple[int, str], list[tuple[int, int]]]:
+    """For each (op index, buffer it reads): the ops that produce those rows, as (op index, layer
+    delta): walking back through the layer (wrapping into the previous layer) until an op that writes
+    the buffer on all rows. E.g. o_gemm's attn_out comes from prefill_attn and decode_attn."""
+    out = {}
+    n = len(ops)
+    for j, op in enumerate(ops):
+        for buf in op.reads:
+            found = []
+            for back in range(1, n + 1):
+                i = (j - back) % n
+                if buf in ops[i].writes:
+                    found.append((i, 0 if j - back >= 0 else -1))
+                    if ops[i].scope == RowScope.ALL:
+                        break
+            out[(j, buf)] = found
+    return out
+
+
+class _Hazards:
+    """Per buffer: nano-ops that last wrote / read which rows. Also checks that every read sees the
+    data flow of the model (a plan whose order reads rows before they are produced is rejected)."""
+
+    def __init__(self, op_index: dict[str, int], producers: dict[tuple[int, str], list[tuple[int, int]]]):
+        self.op_index = op_index
+        self.producers = producers
+        self.writers: dict[str, list[NanoOp]] = {}
+        self.readers: dict[str, list[NanoOp]] = {}
+
+    def add(self, node: NanoOp) -> None:
+        lo, hi = node.lo, node.hi
+        overlaps = lambda n: n.lo < hi and lo < n.hi  # noqa: E731
+        deps = set()
+        j = self.op_index[node.op.name]
+        for buf in node.op.reads:
+            sources = [n for n in self.writers.get(buf, ()) if overlaps(n)]
+            self._check_source(node, j, buf, sources)
+            deps.update(sources)
+        for buf in node.op.writes:
+            deps.update(n for n in self.writers.get(buf, ()) if overlaps(n))
+            deps.update(n for n in self.readers.get(buf, ()) if overlaps(n))
+        for buf in node.op.reads:
+            self.readers.setdefault(buf, []).append(node)
+        covered = lambda n: lo <= n.lo and n.hi <= hi  # noqa: E731 - now implied through node
+        for buf in node.op.writes:
+            self.writers[buf] = [n for n in self.writers.get(buf, ()) if not covered(n)] + [node]
+            self.readers[buf] = [n for n in self.readers.get(buf, ()) if n is node or not covered(n)]
+        deps.discard(node)
+        node.deps = sorted(deps, key=lambda n: n.index)
+
+    def _check_source(self, node: NanoOp, j: int, buf: str, sources: list[NanoOp]) -> None:
+        expected = {(i, node.layer + delta) for i, delta in self.producers[(j, buf)] if node.layer + delta >= 0}
+        got = {(self.op_index[n.op.name], n.layer) for n in sources}
+        covered = sum(min(n.hi, node.hi) - max(n.lo, node.lo) for n in sources)
+        if not got <= expected or (expected and covered != node.hi - node.lo):
+            raise ValueError(
+                f"plan order issues {node.op.name} (layer {node.layer}, rows {node.lo}:{node.hi}) before "
+                f"all of its input {buf!r} is produced by this step")
+
+
+class PlanExecutor:
+    """Issues every layer's nano-ops for one step. Streams are created once, on the model's device."""
+
+    def __init__(self, plan: Plan, layer_ops: list[Op], device: torch.device):
+        num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+        op_names = [op.name for op in layer_ops]
+        plan.validate(op_names, num_sms)
+        self.plan = plan
+        self.name = plan.name
+        self.device = device
+        self.stream_index = {s.name: i for i, s in enumerate(plan.streams)}
+        self.streams: list[torch.cuda.Stream] | None = None
+        if device.type == "cuda":  # stream 0 is the caller's stream; the others get their priority
+            self.streams = [None] + [torch.cuda.Stream(device=device, priority=s.priority)
+                                     for s in plan.streams[1:]]
+        self.order = plan.issue_order(op_names)
+        # Reject an order that breaks the data flow now, not mid-serving: try it on a small batch.
+        self.build([layer_ops, layer_ops, layer_ops], synthetic_batch())
+
+    def _is_sequential(self) -> bool:
+        return len(self.plan.streams) == 1 and all(
+            not o.cuts and o.sm_budget is None for o in self.plan.ops.values()) and self.plan.order is None
+
+    def build(self, layers_ops: list[list[Op]], batch) -> list[NanoOp]:
+        """The step's nano-ops in issue order, with their cross-stream dependencies."""
+        t, d = batch.num_tokens, batch.num_decode
+        by_name = {op.name: i for i, op in enumerate(layers_ops[0])}
+        producers = expected_producers(layers_ops[0])
+        ranges = {}
+        for name in by_name:
+            op_plan = self.plan.op_plan(name)
+            bounds = [0] + [min(max(c.resolve(t, d), 0), t) for c in op_plan.cuts] + [t]
+            ranges[name] = [(bounds[k], max(bounds[k], bounds[k + 1])) for k in range(op_plan.num_nano)]
+        nodes: list[NanoOp] = []
+        hazards = _Hazards(by_name, producers)
+        num_layers = len(layers_ops)
+        for layer in range(num_layers + 1):  # one extra round flushes the last layer's "@-1" entries
+            for entry in self.order:
+                li = layer + entry.layer_offset
+                if not 0 <= li < num_layers or (entry.layer_offset == 0 and layer == num_layers):
+                    continue
+                op = layers_ops[li][by_name[entry.op]]
+                lo, hi = op_rows(op, *ranges[entry.op][entry.nano], batch)
+                if hi <= lo:
+                    continue
+                op_plan = self.plan.op_plan(entry.op)
+                node = NanoOp(li, op, lo, hi, self.stream_index[op_plan.stream or self.plan.streams[0].name],
+                              op_plan.sm_budget, index=len(nodes))
+                hazards.add(node)
+                nodes.append(node)
+        for node in nodes:
+            for dep in node.deps:
+                if dep.stream != node.stream:
+                    dep.needs_event = True
+        return nodes
+
+    def run(self, layers_ops: list[list[Op]], state) -> None:
+        if self._is_sequential():  # one stream, no cuts: the same ops without the bookkeeping
+            t = state.batch.num_tokens
+            for ops in layers_ops:
+                for op in ops:
+                    op.fn(state, 0, t)
+            return
+        nodes = self.build(layers_ops, state.batch)
+        if self.streams is None:  # CPU: issue order is a valid execution order
+            for node in nodes:
+                state.sm_budget = node.sm_budget
+                node.op.fn(state, node.lo, node.hi)
+            state.sm_budget = None
+            return
+        self._run_cuda(nodes, state)
+
+    def _run_cuda(self, nodes: list[NanoOp], state) -> None:
+        main = torch.cuda.current_stream(self.device)
+        streams = [main] + self.streams[1:]
+        start = main.record_event()
+        for s in streams[1:]:
+            s.wait_event(start)  # side streams see the batch tensors the main stream copied in
+        events: dict[NanoOp, torch.cuda.Event] = {}
+        waited: list[dict[int, int]] = [{} for _ in streams]  # per stream: latest waited index per source
+        for node in nodes:
+            stream = streams[node.stream]
+            for dep in node.deps:
+                if dep.stream != node.stream and waited[node.stream].get(dep.stream, -1) < dep.index:
+                    stream.wait_event(events[dep])
+                    waited[node.stream][dep.stream] = dep.index
+            state.sm_budget = node.sm_budget
+            with torch.cuda.stream(stream):
+                node.op.fn(state, node.lo, node.hi)
+                if node.needs_event:
+                    events[node] = stream.record_event()
+        state.sm_budget = None
+        for s in streams[1:]:
+            main.wait_stream(s)
+
+
+def make_executor(plan: Plan | None, layer_ops: list[Op], device: torch.device) -> PlanExecutor:
+    return PlanExecutor(plan or SEQUENTIAL, layer_ops, device)
+
+
+def synthetic_batch(decode: int = 7, prefill: tuple[int, ...] = (5, 9, 3)):
+    """A host-only batch shape (decode rows, then prefill chunks) for checking plans."""
+    from nanoflow.engine.forward_batch import ForwardBatch
+    starts = list(range(decode + 1))
+    for n in prefill:
+        starts.append(starts[-1] + n)
+    empty = torch.empty(0)
+    return ForwardBatch(empty, empty, empty, empty, empty, empty, starts, decode, empty)

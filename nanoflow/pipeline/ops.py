@@ -32,3 +32,7 @@ class Op:
     """fn(step_state, lo, hi): do the op for token rows lo:hi."""
     scope: RowScope = RowScope.ALL
     """Rows the op applies to."""
+    reads: tuple[str, ...] = ()
+    """Workspace buffers whose rows lo:hi the op reads (the executor derives dependencies from these)."""
+    writes: tuple[str, ...] = ()
+    """Workspace buffers whose rows lo:hi the op writes."""

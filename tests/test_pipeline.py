@@ -1,0 +1,110 @@
+"""Pipeline plans: validation, JSON round trip, derived dependencies, and the same greedy tokens as the
+sequential plan for every plan (the executor runs nano-ops in issue order on CPU)."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from nanoflow import LLM, SamplingParams
+from nanoflow.models.llama import LlamaForCausalLM
+from nanoflow.models.presets import PRESETS
+from nanoflow.pipeline.executor import make_executor, synthetic_batch
+from nanoflow.pipeline.plan import SEQUENTIAL, Plan, load_plan
+from tests.tiny_checkpoints import make_checkpoint
+
+OPS = ["input_norm", "qkv_gemm", "rope_kv_write", "decode_attn", "prefill_attn", "o_gemm", "post_norm",
+       "gate_up_gemm", "act", "down_gemm"]
+TOKEN_OPS = [o for o in OPS if o not in ("decode_attn", "prefill_attn")]
+
+
+@pytest.fixture(scope="module")
+def layer_ops():
+    return LlamaForCausalLM(PRESETS["default"], torch.float32, torch.device("cpu")).layers[0].ops
+
+
+def two_stream_plan(cut_of="decode", at=0.5, qkv_attn_nano=2) -> dict:
+    cut = [{"of": cut_of, "at": at}]
+    ops = {name: {"stream": "compute", "cuts": cut} for name in TOKEN_OPS}
+    attn_cuts = [{"of": "decode", "at": k / qkv_attn_nano} for k in range(1, qkv_attn_nano)]
+    ops["decode_attn"] = {"stream": "memory", "cuts": attn_cuts, "sm_budget": 44}
+    ops["prefill_attn"] = {"stream": "compute"}
+    return {"name": "test", "streams": [{"name": "compute"}, {"name": "memory", "priority": -1}], "ops": ops}
+
+
+def test_json_round_trip_and_builtin_plans(tmp_path, layer_ops):
+    plan = load_plan("overlap-2")
+    again = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again == plan
+    path = tmp_path / "p.json"
+    plan.save(path)
+    assert Plan.load(path) == plan
+    make_executor(plan, layer_ops, torch.device("cpu"))  # validates against the model's data flow
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d["ops"].update(bogus={}), "unknown op"),
+    (lambda d: d["ops"]["qkv_gemm"].update(stream="nope"), "unknown stream"),
+    (lambda d: d["ops"]["qkv_gemm"].update(cuts=[{"of": "decode", "at": 1.5}]), "fraction"),
+    (lambda d: d["ops"]["qkv_gemm"].update(cuts=[{"of": "decode", "at": 0.6}, {"of": "decode", "at": 0.2}]),
+     "increase"),
+    (lambda d: d["ops"]["qkv_gemm"].update(cuts=[{"of": "rows"}]), "a cut is"),
+    (lambda d: d["ops"]["decode_attn"].update(sm_budget=0), "sm_budget"),
+    (lambda d: d.update(order=["qkv_gemm.0"]), "exactly once"),
+    (lambda d: d.update(order=["qkv_gemm.0x"]), "order entry"),
+])
+def test_invalid_plans_raise_clear_errors(layer_ops, mutate, message):
+    d = two_stream_plan()
+    mutate(d)
+    with pytest.raises(ValueError, match=message):
+        make_executor(Plan.from_dict(d), layer_ops, torch.device("cpu"))
+
+
+def test_order_that_breaks_data_flow_is_rejected(layer_ops):
+    d = load_plan("overlap-2").to_dict()
+    order = d["order"]
+    # o_gemm.0 moved before decode_attn.0: it would read attention output not yet computed.
+    order.remove("o_gemm.0")
+    order.insert(order.index("decode_attn.0"), "o_gemm.0")
+    with pytest.raises(ValueError, match="before all of its input"):
+        make_executor(Plan.from_dict(d), layer_ops, torch.device("cpu"))
+
+
+def test_dependencies_cross_streams_only_where_data_flows(layer_ops):
+    ex = make_executor(load_plan("overlap-2"), layer_ops, torch.device("cpu"))
+    nodes = ex.build([layer_ops] * 2, synthetic_batch(decode=8, prefill=(6,)))
+    attn = [n for n in nodes if n.op.name == "decode_attn" and n.layer == 0]
+    assert [(n.lo, n.hi, n.stream) for n in attn] == [(0, 4, 1), (4, 8, 1)]
+    # decode attention of rows 0:4 waits for the rope of exactly those rows, on the other stream
+    assert [(d.op.name, d.lo, d.hi) for d in attn[0].deps] == [("rope_kv_write", 0, 4)]
+    o_first = next(n for n in nodes if n.op.name == "o_gemm" and n.layer == 0)
+    assert attn[0] in o_first.deps and attn[1] not in o_first.deps
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint("llama-gqa", tmp_path_factory.mktemp("pipe"))
+
+
+def _greedy(ckpt, plan: str, prompts, budget: int) -> list[list[int]]:
+    llm = LLM(model=str(ckpt), dtype="float32", device="cpu", num_kv_blocks=256, block_size=4,
+              max_num_batched_tokens=budget, plan=plan)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_every_plan_gives_the_sequential_tokens(ckpt, tmp_path):
+    rng = random.Random(0)
+    prompts = [[rng.randrange(10, 500) for _ in range(rng.randrange(2, 30))] for _ in range(7)]
+    reference = _greedy(ckpt, "sequential", prompts, 24)
+    plans = ["overlap-2", "nano-4"]
+    for i, (cut_of, at, nano) in enumerate([("tokens", 0.3, 3), ("prefill", 0.5, 4), ("decode", 0.25, 1)]):
+        path = tmp_path / f"p{i}.json"
+        path.write_text(json.dumps(two_stream_plan(cut_of, at, nano)))
+        plans.append(str(path))
+    for plan in plans:
+        assert _greedy(ckpt, plan, prompts, 24) == reference, plan
+    assert SEQUENTIAL.name == "sequential"
