@@ -1,6 +1,6 @@
 """Kernel dispatch: Triton kernels on CUDA when enabled, the torch references otherwise.
 
-Both expose the same six functions (see reference.py), so the model is written once."""
+Both expose the same functions (see reference.py), so the model is written once."""
 from __future__ import annotations
 
 from types import ModuleType
@@ -9,7 +9,7 @@ import torch
 
 from nanoflow.kernels import reference
 
-KERNEL_NAMES = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope_and_cache_write",
+KERNEL_NAMES = ("linear", "rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope_and_cache_write",
                 "paged_decode_attention", "paged_prefill_attention")
 
 

@@ -14,6 +14,16 @@ def _into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return result if out is None else out.copy_(result)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           out: torch.Tensor | None = None, sm_budget: int | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias). sm_budget only limits where a GPU kernel runs, never the result."""
+    if out is None:
+        return torch.nn.functional.linear(x, weight, bias)
+    if bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """RMSNorm in fp32, cast back to x's dtype (as transformers' LlamaRMSNorm does)."""
     xf = x.float()
@@ -99,9 +109,11 @@ def paged_decode_attention(
     scale: float,
     *,
     out: torch.Tensor | None = None,
+    max_programs: int | None = None,
 ) -> torch.Tensor:
     """One query token per request. q [R, Hq, D]; block_tables [R, max_blocks] int32;
-    seq_lens [R] = context length including the current token. Returns [R, Hq, D]."""
+    seq_lens [R] = context length including the current token. Returns [R, Hq, D].
+    max_programs (an SM budget for GPU kernels) does not change the result."""
     out = torch.empty_like(q) if out is None else out
     lens = seq_lens.tolist()
     for r, length in enumerate(lens):
@@ -121,6 +133,7 @@ def paged_prefill_attention(
     scale: float,
     *,
     out: torch.Tensor | None = None,
+    max_programs: int | None = None,
 ) -> torch.Tensor:
     """Chunked prefill over the paged cache: request r owns query rows
     query_start_loc[r]:query_start_loc[r+1], which sit at the last positions of its seq_lens[r]

@@ -6,11 +6,25 @@ knobs of the attention kernels (`max_programs`, decode's `num_splits` / `max_seq
 """
 from __future__ import annotations
 
+import torch
+
 from nanoflow.kernels.activation import silu_and_mul
 from nanoflow.kernels.decode_attention import paged_decode_attention
 from nanoflow.kernels.norm import fused_add_rms_norm, rms_norm
 from nanoflow.kernels.prefill_attention import paged_prefill_attention
 from nanoflow.kernels.rope import rope_and_cache_write
 
-__all__ = ["rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope_and_cache_write",
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           out: torch.Tensor | None = None, sm_budget: int | None = None) -> torch.Tensor:
+    """cuBLAS on the whole device; with an SM budget, the persistent Triton GEMM on that many SMs."""
+    if sm_budget is None:
+        from nanoflow.kernels.reference import linear as torch_linear
+        return torch_linear(x, weight, bias, out=out)
+    from nanoflow.kernels.gemm_persistent import persistent_matmul
+    return persistent_matmul(x, weight, num_programs=sm_budget, out=out, bias=bias)
+
+
+__all__ = ["linear", "rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope_and_cache_write",
            "paged_decode_attention", "paged_prefill_attention"]

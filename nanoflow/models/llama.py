@@ -45,13 +45,6 @@ class StepState:
     """SM budget of the nano-op being issued (set by the executor; None = whole device)."""
 
 
-def _linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    if bias is None:
-        torch.mm(x, weight.t(), out=out)
-    else:
-        torch.addmm(bias, x, weight.t(), out=out)
-
-
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int, model: "LlamaForCausalLM", dtype, device):
         super().__init__()
@@ -80,7 +73,8 @@ class LlamaDecoderLayer(nn.Module):
                                               out=ws.normed[lo:hi], residual_out=ws.residual[lo:hi])
 
     def _qkv_gemm(self, s: StepState, lo: int, hi: int) -> None:
-        _linear_into(s.ws.qkv[lo:hi], s.ws.normed[lo:hi], self.qkv_weight, self.qkv_bias)
+        self.model.kernels.linear(s.ws.normed[lo:hi], self.qkv_weight, self.qkv_bias,
+                                  out=s.ws.qkv[lo:hi], sm_budget=s.sm_budget)
 
     def _rope_kv_write(self, s: StepState, lo: int, hi: int) -> None:
         q_w, kv_w = self.num_q * self.head_dim, self.num_kv * self.head_dim
@@ -103,7 +97,7 @@ class LlamaDecoderLayer(nn.Module):
         q = s.ws.q_rot[lo:hi].view(-1, self.num_q, self.head_dim)
         self.model.kernels.paged_decode_attention(
             q, k_cache, v_cache, b.block_tables[lo:hi], b.seq_lens[lo:hi], self.scale,
-            out=s.ws.attn_out[lo:hi].view(-1, self.num_q, self.head_dim))
+            out=s.ws.attn_out[lo:hi].view(-1, self.num_q, self.head_dim), max_programs=s.sm_budget)
 
     def _prefill_attn(self, s: StepState, lo: int, hi: int) -> None:
         b = s.batch
@@ -115,10 +109,12 @@ class LlamaDecoderLayer(nn.Module):
         q = s.ws.q_rot[row0:row1].view(-1, self.num_q, self.head_dim)
         self.model.kernels.paged_prefill_attention(
             q, k_cache, v_cache, b.block_tables[r0:r1], b.query_start_loc[r0:r1 + 1] - row0,
-            b.seq_lens[r0:r1], self.scale, out=s.ws.attn_out[row0:row1].view(-1, self.num_q, self.head_dim))
+            b.seq_lens[r0:r1], self.scale, out=s.ws.attn_out[row0:row1].view(-1, self.num_q, self.head_dim),
+            max_programs=s.sm_budget)
 
     def _o_gemm(self, s: StepState, lo: int, hi: int) -> None:
-        _linear_into(s.ws.hidden[lo:hi], s.ws.attn_out[lo:hi], self.o_weight, None)
+        self.model.kernels.linear(s.ws.attn_out[lo:hi], self.o_weight, None,
+                                  out=s.ws.hidden[lo:hi], sm_budget=s.sm_budget)
 
     def _post_norm(self, s: StepState, lo: int, hi: int) -> None:
         ws = s.ws
@@ -126,13 +122,15 @@ class LlamaDecoderLayer(nn.Module):
                                               out=ws.normed[lo:hi], residual_out=ws.residual[lo:hi])
 
     def _gate_up_gemm(self, s: StepState, lo: int, hi: int) -> None:
-        _linear_into(s.ws.gate_up[lo:hi], s.ws.normed[lo:hi], self.gate_up_weight, None)
+        self.model.kernels.linear(s.ws.normed[lo:hi], self.gate_up_weight, None,
+                                  out=s.ws.gate_up[lo:hi], sm_budget=s.sm_budget)
 
     def _act(self, s: StepState, lo: int, hi: int) -> None:
         self.model.kernels.silu_and_mul(s.ws.gate_up[lo:hi], out=s.ws.act[lo:hi])
 
     def _down_gemm(self, s: StepState, lo: int, hi: int) -> None:
-        _linear_into(s.ws.hidden[lo:hi], s.ws.act[lo:hi], self.down_weight, None)
+        self.model.kernels.linear(s.ws.act[lo:hi], self.down_weight, None,
+                                  out=s.ws.hidden[lo:hi], sm_budget=s.sm_budget)
 
     def _build_ops(self) -> list[Op]:
         C, M = Resource.COMPUTE, Resource.MEMORY

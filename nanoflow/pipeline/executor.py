@@ -4,6 +4,7 @@ events only where a nano-op depends on one from another stream. Dependencies com
 every plan computes what the sequential one computes. On CPU the same nano-ops run in issue order."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -112,6 +113,9 @@ class PlanExecutor:
             self.streams = [None] + [torch.cuda.Stream(device=device, priority=s.priority)
                                      for s in plan.streams[1:]]
         self.order = plan.issue_order(op_names)
+        self.record_timeline = False
+        """When set, the next runs time every nano-op (CUDA events / host clock): see timeline()."""
+        self._timeline: list[tuple[NanoOp, object, object]] = []
         # Reject an order that breaks the data flow now, not mid-serving: try it on a small batch.
         self.build([layer_ops, layer_ops, layer_ops], synthetic_batch())
 
@@ -153,17 +157,21 @@ class PlanExecutor:
         return nodes
 
     def run(self, layers_ops: list[list[Op]], state) -> None:
-        if self._is_sequential():  # one stream, no cuts: the same ops without the bookkeeping
+        if self._is_sequential() and not self.record_timeline:  # one stream, no cuts: no bookkeeping
             t = state.batch.num_tokens
             for ops in layers_ops:
                 for op in ops:
                     op.fn(state, 0, t)
             return
         nodes = self.build(layers_ops, state.batch)
+        self._timeline = []
         if self.streams is None:  # CPU: issue order is a valid execution order
             for node in nodes:
                 state.sm_budget = node.sm_budget
+                t0 = time.perf_counter()
                 node.op.fn(state, node.lo, node.hi)
+                if self.record_timeline:
+                    self._timeline.append((node, t0, time.perf_counter()))
             state.sm_budget = None
             return
         self._run_cuda(nodes, state)
@@ -184,12 +192,32 @@ class PlanExecutor:
                     waited[node.stream][dep.stream] = dep.index
             state.sm_budget = node.sm_budget
             with torch.cuda.stream(stream):
+                if self.record_timeline:
+                    t0 = stream.record_event(torch.cuda.Event(enable_timing=True))
                 node.op.fn(state, node.lo, node.hi)
+                if self.record_timeline:
+                    self._timeline.append((node, t0, stream.record_event(torch.cuda.Event(enable_timing=True))))
                 if node.needs_event:
                     events[node] = stream.record_event()
         state.sm_budget = None
         for s in streams[1:]:
             main.wait_stream(s)
+
+
+    def timeline(self) -> list[dict]:
+        """Nano-ops of the last recorded run: layer, op, rows, stream, start and end in ms from the
+        first start (CUDA events on GPU: the real overlap; host clock on CPU)."""
+        if not self._timeline:
+            return []
+        first = self._timeline[0][1]
+        if isinstance(first, float):
+            span = lambda a, b: (a - first) * 1e3  # noqa: E731
+        else:
+            torch.cuda.synchronize(self.device)
+            span = lambda a, b: first.elapsed_time(a)  # noqa: E731
+        return [{"layer": n.layer, "op": n.op.name, "resource": n.op.resource.value, "lo": n.lo, "hi": n.hi,
+                 "stream": self.plan.streams[n.stream].name, "sm_budget": n.sm_budget,
+                 "start_ms": span(a, None), "end_ms": span(b, None)} for n, a, b in self._timeline]
 
 
 def make_executor(plan: Plan | None, layer_ops: list[Op], device: torch.device) -> PlanExecutor:
