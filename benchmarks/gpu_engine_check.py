@@ -17,9 +17,10 @@ from nanoflow import LLM, SamplingParams  # noqa: E402
 from tests.tiny_checkpoints import make_checkpoint  # noqa: E402
 
 
-def greedy_tokens(path: str, dtype: str, use_triton: str, prompts) -> list[list[int]]:
+def greedy_tokens(path: str, dtype: str, use_triton: str, prompts, enforce_eager: bool = True,
+                  plan: str = "sequential") -> list[list[int]]:
     llm = LLM(model=path, dtype=dtype, use_triton=use_triton, num_kv_blocks=512, block_size=16,
-              max_num_batched_tokens=64, gpu_memory_utilization=0.5)
+              max_num_batched_tokens=64, gpu_memory_utilization=0.5, enforce_eager=enforce_eager, plan=plan)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
     return [o.outputs[0].token_ids for o in outs]
@@ -44,8 +45,14 @@ def main() -> int:
                       f"shortest common prefix {prefix}/24")
                 if dtype == "float32" and same != len(prompts):
                     failures += 1
+                for label, kw in (("cuda graphs", dict(enforce_eager=False)), ("plan overlap-2", dict(plan="overlap-2")),
+                                  ("plan nano-4", dict(plan="nano-4"))):
+                    other = greedy_tokens(path, dtype, "on", prompts, **kw)
+                    same_other = sum(a == b for a, b in zip(tri, other))
+                    print(f"{name:10s} {dtype:9s} {label} == eager sequential: {same_other}/{len(prompts)}")
+                    failures += dtype == "float32" and same_other != len(prompts)
     t0 = time.perf_counter()
-    llm = LLM(model="llama-3-8b", load_format="dummy")
+    llm = LLM(model="llama-3-8b", load_format="dummy")  # CUDA graphs captured at start-up
     t1 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": list(range(100, 100 + n))} for n in (5, 300, 1000)],
                         SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)

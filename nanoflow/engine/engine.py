@@ -17,6 +17,7 @@ from nanoflow.engine.request import PENDING_TOKEN, Request, RequestStatus
 from nanoflow.engine.runner import ModelRunner, choose_num_blocks
 from nanoflow.engine.sampler import Sampler, SamplingBatch, make_generator
 from nanoflow.engine.scheduler import Scheduler, SchedulerConfig
+from nanoflow.kernels import reference as reference_kernels
 from nanoflow.kernels import select_kernels
 from nanoflow.models.loader import load_model, load_tokenizer
 from nanoflow.pipeline.executor import make_executor
@@ -101,7 +102,10 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, self.config.block_size)
         self.scheduler = Scheduler(
             SchedulerConfig(token_budget, self.config.max_num_seqs, self.config.kv_admission_ratio), self.kv)
-        self.runner = ModelRunner(self.model, self.kv, token_budget)
+        # The torch reference kernels sync with the host (not capturable): graphs need the Triton path.
+        graphs = not self.config.enforce_eager and self.model.kernels is not reference_kernels
+        self.runner = ModelRunner(self.model, self.kv, token_budget, cuda_graphs=graphs)
+        self._executors: dict[str, object] = {}
         self.set_plan(self.config.plan)
         self.sampler = Sampler(self.eos_token_ids, seed=self.config.seed)
         self._groups: dict[str, _Group] = {}
@@ -124,9 +128,11 @@ class LLMEngine:
 
     def set_plan(self, spec: str) -> None:
         """Switch the pipeline plan ('sequential', a built-in name, a JSON file, or 'auto')."""
-        plan = resolve_plan(spec, self)
-        self.runner.executor = make_executor(plan, self.model.layers[0].ops, self.device)
-        self.plan_name = plan.name
+        if spec not in self._executors:
+            plan = resolve_plan(spec, self)
+            self._executors[spec] = make_executor(plan, self.model.layers[0].ops, self.device)
+        self.runner.executor = self._executors[spec]
+        self.plan_name = self.runner.executor.name
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:

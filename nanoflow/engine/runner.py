@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from nanoflow.engine.cuda_graphs import PiecewiseGraphs
 from nanoflow.engine.forward_batch import ForwardBatch
 from nanoflow.engine.kv_cache import KVCacheManager
 from nanoflow.engine.scheduler import SchedulerOutput
@@ -38,7 +39,7 @@ def choose_num_blocks(model: LlamaForCausalLM, block_size: int, device: torch.de
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv: KVCacheManager, token_budget: int,
-                 executor: PlanExecutor | None = None):
+                 executor: PlanExecutor | None = None, cuda_graphs: bool = False):
         self.model = model
         self.kv = kv
         self.device = model.device
@@ -50,6 +51,10 @@ class ModelRunner:
                           for _ in range(cfg.num_hidden_layers)]
         self.workspace = model.new_workspace(token_budget)
         self.executor = executor or make_executor(None, self.model.layers[0].ops, self.device)
+        self.graphs = None
+        if cuda_graphs and self.device.type == "cuda":
+            self.graphs = PiecewiseGraphs(model, self.workspace, self.kv_caches, token_budget)
+            self.graphs.capture()
 
     def build_batch(self, sched: SchedulerOutput, pending_source: dict | None = None,
                     prev_tokens: torch.Tensor | None = None) -> ForwardBatch:
@@ -110,5 +115,8 @@ class ModelRunner:
         """Runs the model on the batch; returns fp32 logits of the rows in batch.logits_indices."""
         state = StepState(batch, self.workspace, self.kv_caches)
         self.model.embed(state)
-        self.executor.run([layer.ops for layer in self.model.layers], state)
+        if self.graphs is not None and self.executor.is_sequential() and self.graphs.can_run(batch):
+            self.graphs.run_layers(state)
+        else:
+            self.executor.run([layer.ops for layer in self.model.layers], state)
         return self.model.compute_logits(state)

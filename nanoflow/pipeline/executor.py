@@ -119,7 +119,7 @@ class PlanExecutor:
         # Reject an order that breaks the data flow now, not mid-serving: try it on a small batch.
         self.build([layer_ops, layer_ops, layer_ops], synthetic_batch())
 
-    def _is_sequential(self) -> bool:
+    def is_sequential(self) -> bool:
         return len(self.plan.streams) == 1 and all(
             not o.cuts and o.sm_budget is None for o in self.plan.ops.values()) and self.plan.order is None
 
@@ -157,7 +157,7 @@ class PlanExecutor:
         return nodes
 
     def run(self, layers_ops: list[list[Op]], state) -> None:
-        if self._is_sequential() and not self.record_timeline:  # one stream, no cuts: no bookkeeping
+        if self.is_sequential() and not self.record_timeline:  # one stream, no cuts: no bookkeeping
             t = state.batch.num_tokens
             for ops in layers_ops:
                 for op in ops:
