@@ -2,6 +2,7 @@
 sequential plan for every plan (the executor runs nano-ops in issue order on CPU)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -83,9 +84,32 @@ def test_dependencies_cross_streams_only_where_data_flows(layer_ops):
     assert attn[0] in o_first.deps and attn[1] not in o_first.deps
 
 
+def test_replicated_rounds_equal_full_hazard_tracking():
+    """Deep models replicate the generic round instead of tracking every layer: same result."""
+    cfg = dataclasses.replace(PRESETS["default"], num_hidden_layers=11)
+    model = LlamaForCausalLM(cfg, torch.float32, torch.device("meta"))
+    layers = [layer.ops for layer in model.layers]
+    for plan in ("overlap-2", "nano-4"):
+        ex = make_executor(load_plan(plan), layers[0], torch.device("cpu"))
+        for batch in (synthetic_batch(decode=9, prefill=(4, 6)), synthetic_batch(decode=0, prefill=(5,)),
+                      synthetic_batch(decode=6, prefill=())):
+            full = ex.build(layers, batch)
+            grouped: dict[int, list] = {}
+            for n in full:
+                grouped.setdefault(n.layer - n.op_offset, []).append(n)
+            key = lambda n: (n.layer, n.op.name, n.lo, n.hi, n.stream, n.cross_deps)  # noqa: E731
+            expected = [[key(n) for n in grouped.get(r, [])] for r in range(len(layers) + 1)]
+            rounds = ex.rounds(layers, batch)
+            assert [[key(n) for n in nodes] for nodes in rounds] == expected
+            # every waited-on nano-op records its event (the last layer may record one unused)
+            for r, nodes in enumerate(rounds):
+                for n in nodes:
+                    assert all(rounds[r + dr][pos].needs_event for dr, pos in n.cross_deps)
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return make_checkpoint("llama-gqa", tmp_path_factory.mktemp("pipe"))
+    return make_checkpoint("llama-gqa", tmp_path_factory.mktemp("pipe"), num_layers=7)
 
 
 def _greedy(ckpt, plan: str, prompts, budget: int) -> list[list[int]]:

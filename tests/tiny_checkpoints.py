@@ -22,12 +22,12 @@ TINY_CONFIGS = {
 }
 
 
-def make_checkpoint(name: str, root: Path, seed: int = 0) -> Path:
+def make_checkpoint(name: str, root: Path, seed: int = 0, num_layers: int = 2) -> Path:
     """Writes a tiny random model (and the built-in tokenizer) to root/name; returns the directory."""
     cls_name, extra = TINY_CONFIGS[name]
     tok = transformers.AutoTokenizer.from_pretrained(default_model_dir())
     vocab_size = len(tok)
-    kwargs = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+    kwargs = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=num_layers,
                   max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
                   pad_token_id=0)
     kwargs.update(extra)
@@ -40,7 +40,7 @@ def make_checkpoint(name: str, root: Path, seed: int = 0) -> Path:
                 p.normal_(0, 0.08)
             else:
                 p.uniform_(0.5, 1.5) if p.shape[0] == kwargs["hidden_size"] else p.normal_(0, 0.1)
-    out = root / name
+    out = root / f"{name}-{num_layers}l"
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out

@@ -4,6 +4,7 @@ events only where a nano-op depends on one from another stream. Dependencies com
 every plan computes what the sequential one computes. On CPU the same nano-ops run in issue order."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -13,15 +14,25 @@ from nanoflow.pipeline.ops import Op, RowScope
 from nanoflow.pipeline.plan import SEQUENTIAL, Plan
 
 
+TEMPLATE_LAYERS = 5
+"""Layers whose hazards are tracked each step; deeper models replicate the generic round."""
+
+
 @dataclass(eq=False)
 class NanoOp:
     layer: int
     op: Op
+    op_pos: int
+    """Index of the op in its layer's op list."""
+    op_offset: int
+    """0, or -1 when issued with the next layer (the plan's '@-1')."""
     lo: int
     hi: int
     stream: int
     sm_budget: int | None
     deps: list["NanoOp"] = field(default_factory=list)
+    cross_deps: list[tuple[int, int]] = field(default_factory=list)
+    """Dependencies on other streams, as (round delta, position in that round): the latest per stream."""
     needs_event: bool = False
     index: int = 0
 
@@ -146,15 +157,35 @@ class PlanExecutor:
                 if hi <= lo:
                     continue
                 op_plan = self.plan.op_plan(entry.op)
-                node = NanoOp(li, op, lo, hi, self.stream_index[op_plan.stream or self.plan.streams[0].name],
+                node = NanoOp(li, op, by_name[entry.op], entry.layer_offset, lo, hi,
+                              self.stream_index[op_plan.stream or self.plan.streams[0].name],
                               op_plan.sm_budget, index=len(nodes))
                 hazards.add(node)
                 nodes.append(node)
-        for node in nodes:
-            for dep in node.deps:
-                if dep.stream != node.stream:
-                    dep.needs_event = True
+        _mark_cross_stream(nodes)
         return nodes
+
+    def rounds(self, layers_ops: list[list[Op]], batch) -> list[list[NanoOp]]:
+        """Nano-ops grouped by issue round (round r issues layer r's entries and layer r-1's '@-1'
+        ones). Rounds 2..L-1 are the same up to a layer shift, so hazards are tracked on a model of
+        at most TEMPLATE_LAYERS layers and the generic round is replicated: the per-step host cost
+        does not grow with depth."""
+        num_layers = len(layers_ops)
+        small = min(num_layers, TEMPLATE_LAYERS)
+        nodes = self.build(layers_ops[:small], batch)
+        by_round: list[list[NanoOp]] = [[] for _ in range(small + 1)]
+        for node in nodes:
+            by_round[node.layer - node.op_offset].append(node)
+        if small == num_layers:
+            return by_round
+        generic = by_round[2]
+        out = by_round[:2]
+        for r in range(2, num_layers):
+            shift = r - 2
+            out.append([dataclasses.replace(n, layer=n.layer + shift, deps=n.deps) for n in generic])
+        flush = by_round[small]
+        out.append([dataclasses.replace(n, layer=n.layer + num_layers - small) for n in flush])
+        return out
 
     def run(self, layers_ops: list[list[Op]], state) -> None:
         if self.is_sequential() and not self.record_timeline:  # one stream, no cuts: no bookkeeping
@@ -163,46 +194,53 @@ class PlanExecutor:
                 for op in ops:
                     op.fn(state, 0, t)
             return
-        nodes = self.build(layers_ops, state.batch)
+        rounds = self.rounds(layers_ops, state.batch)
         self._timeline = []
         if self.streams is None:  # CPU: issue order is a valid execution order
-            for node in nodes:
-                state.sm_budget = node.sm_budget
-                t0 = time.perf_counter()
-                node.op.fn(state, node.lo, node.hi)
-                if self.record_timeline:
-                    self._timeline.append((node, t0, time.perf_counter()))
+            for nodes in rounds:
+                for node in nodes:
+                    state.sm_budget = node.sm_budget
+                    t0 = time.perf_counter()
+                    layers_ops[node.layer][node.op_pos].fn(state, node.lo, node.hi)
+                    if self.record_timeline:
+                        self._timeline.append((node, t0, time.perf_counter()))
             state.sm_budget = None
             return
-        self._run_cuda(nodes, state)
+        self._run_cuda(rounds, layers_ops, state)
 
-    def _run_cuda(self, nodes: list[NanoOp], state) -> None:
+    def _run_cuda(self, rounds: list[list[NanoOp]], layers_ops: list[list[Op]], state) -> None:
         main = torch.cuda.current_stream(self.device)
         streams = [main] + self.streams[1:]
         start = main.record_event()
         for s in streams[1:]:
             s.wait_event(start)  # side streams see the batch tensors the main stream copied in
-        events: dict[NanoOp, torch.cuda.Event] = {}
-        waited: list[dict[int, int]] = [{} for _ in streams]  # per stream: latest waited index per source
-        for node in nodes:
-            stream = streams[node.stream]
-            for dep in node.deps:
-                if dep.stream != node.stream and waited[node.stream].get(dep.stream, -1) < dep.index:
-                    stream.wait_event(events[dep])
-                    waited[node.stream][dep.stream] = dep.index
-            state.sm_budget = node.sm_budget
-            with torch.cuda.stream(stream):
+        # Events by (round, position in round); a template node's deps are (round delta, position).
+        events: dict[tuple[int, int], torch.cuda.Event] = {}
+        current = None
+        for r, nodes in enumerate(rounds):
+            for pos, node in enumerate(nodes):
+                stream = streams[node.stream]
+                for dr, dpos in node.cross_deps:
+                    stream.wait_event(events[(r + dr, dpos)])
+                state.sm_budget = node.sm_budget
+                if stream is not current:
+                    if current is not None:
+                        ctx.__exit__(None, None, None)
+                    ctx = torch.cuda.stream(stream)
+                    ctx.__enter__()
+                    current = stream
                 if self.record_timeline:
                     t0 = stream.record_event(torch.cuda.Event(enable_timing=True))
-                node.op.fn(state, node.lo, node.hi)
+                layers_ops[node.layer][node.op_pos].fn(state, node.lo, node.hi)
                 if self.record_timeline:
                     self._timeline.append((node, t0, stream.record_event(torch.cuda.Event(enable_timing=True))))
                 if node.needs_event:
-                    events[node] = stream.record_event()
+                    events[(r, pos)] = stream.record_event()
+        if current is not None:
+            ctx.__exit__(None, None, None)
         state.sm_budget = None
         for s in streams[1:]:
             main.wait_stream(s)
-
 
     def timeline(self) -> list[dict]:
         """Nano-ops of the last recorded run: layer, op, rows, stream, start and end in ms from the
@@ -218,6 +256,28 @@ class PlanExecutor:
         return [{"layer": n.layer, "op": n.op.name, "resource": n.op.resource.value, "lo": n.lo, "hi": n.hi,
                  "stream": self.plan.streams[n.stream].name, "sm_budget": n.sm_budget,
                  "start_ms": span(a, None), "end_ms": span(b, None)} for n, a, b in self._timeline]
+
+
+def _mark_cross_stream(nodes: list[NanoOp]) -> None:
+    """Cross-stream waits: per source stream only the latest dependency (same-stream order covers
+    the earlier ones), addressed by (round delta, position in round)."""
+    position: dict[NanoOp, tuple[int, int]] = {}
+    counts: dict[int, int] = {}
+    for node in nodes:
+        r = node.layer - node.op_offset
+        position[node] = (r, counts.get(r, 0))
+        counts[r] = counts.get(r, 0) + 1
+    for node in nodes:
+        latest: dict[int, NanoOp] = {}
+        for dep in node.deps:
+            if dep.stream != node.stream and (dep.stream not in latest or dep.index > latest[dep.stream].index):
+                latest[dep.stream] = dep
+        r = position[node][0]
+        node.cross_deps = []
+        for dep in latest.values():
+            dep.needs_event = True
+            dr, pos = position[dep]
+            node.cross_deps.append((dr - r, pos))
 
 
 def make_executor(plan: Plan | None, layer_ops: list[Op], device: torch.device) -> PlanExecutor:

@@ -1,0 +1,374 @@
+"""Persistent stream-K paged decode attention for a capped grid (an SM budget).
+
+Same function as reference.paged_decode_attention; the grid is exactly `num_programs` programs, so
+decode attention can run beside GEMMs on a share of the SMs (NanoFlow's execution-unit scheduling).
+
+Why not the split-KV kernel with `max_programs`: there each program walks whole work items and its
+software pipeline fills and drains at every item, which on a third of the SMs leaves too few bytes
+in flight (measured 0.9-1.6 TB/s at 32-66 programs). Here:
+* Work is the flattened sequence of KV *tiles* over (request r, KV-head group g, tile j): request r
+  has n_r = max(1, cdiv(seq_len_r, TILE_N)) tiles per group. Program p takes the contiguous tile range
+  [p*W/P, (p+1)*W/P) of the W tiles (stream-K: balanced by tiles, so ragged lengths do not unbalance
+  programs). The split is computed on the device from seq_lens (each program scans them), so nothing
+  syncs with the host and the launch can be captured in a CUDA graph.
+* Each program runs ONE loop over its tiles. At an item boundary the online-softmax state is reset
+  by selects, not by leaving the loop, so Triton's software pipeline (num_stages) keeps streaming
+  K/V tiles across items. Block-table entries and the next request's length
+  are loaded one iteration ahead (loop-carried), so K/V addresses never wait on a load of the same
+  iteration and the pipeliner can keep num_stages - 1 tiles in flight (K, V and the item's query
+  rows are all staged through shared memory by cp.async; K/V with an L2 evict-first hint, since they
+  are read once and a GEMM running beside us wants L2 for its operands).
+* A work item holds HB KV heads (config.heads_per_item) with all their GQA query heads: [HB, 16, D]
+  batched dots (16 rows: the tensor-core minimum; G = 4 real rows for Llama-3-8B). Default HB = 1,
+  tiles of 128 tokens; HB > 1 reads HB * 256 contiguous bytes per token row instead of 256 B.
+* An item fully inside one program's range is written normalized to `out`. An item cut by a range
+  boundary leaves unnormalized partials (acc, m, l): the program where it starts ("owner") writes slot
+  1, each later program covering it writes slot 0; a second small kernel (grid P x HB) merges them.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+_SCAN = 1024          # requests per vector step of the in-kernel length scan
+_MERGE_PROGRAMS = 16  # partials combined per vector step of the merge kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class PersistentDecodeConfig:
+    """tile_n: tokens per tile. heads_per_item: KV heads per work item (None = all KV heads, at most
+    8; must divide the KV head count). Shared memory per stage = K + V + Q tiles
+    = (2 * tile_n + 16) * heads * D * elem_size; num_stages - 1 stages are allocated (227 KB per SM
+    on sm_90), plus HB x 16 x D fp32 for the epilogue."""
+
+    tile_n: int = 128
+    heads_per_item: int | None = 1
+    num_warps: int = 8
+    num_stages: int = 4
+
+    def __post_init__(self):
+        if self.tile_n < 16 or self.tile_n & (self.tile_n - 1):
+            raise ValueError(f"tile_n must be a power of two >= 16, got {self.tile_n}")
+        if self.heads_per_item is not None and self.heads_per_item < 1:
+            raise ValueError(f"heads_per_item must be >= 1, got {self.heads_per_item}")
+
+    def describe(self) -> str:
+        return (f"tile={self.tile_n} heads={self.heads_per_item or 'all'} w={self.num_warps} "
+                f"st={self.num_stages}")
+
+
+# Candidates for the H200 sweep (benchmarks/overlap_gpu.py), bf16 D=128 Hk=8. Shared memory and
+# registers from compiling for sm_90 (triton 3.9): 212 KB / 155 regs, 188 KB / 177, 192 KB / 222,
+# 212 KB / 106, 188 KB / 197.
+CONFIGS = (
+    PersistentDecodeConfig(tile_n=128, heads_per_item=1, num_warps=8, num_stages=4),  # 64 KB x 3
+    PersistentDecodeConfig(tile_n=64, heads_per_item=1, num_warps=8, num_stages=6),   # 32 KB x 5
+    PersistentDecodeConfig(tile_n=32, heads_per_item=4, num_warps=8, num_stages=3),   # 64 KB x 2
+    PersistentDecodeConfig(tile_n=128, heads_per_item=1, num_warps=16, num_stages=4),
+    PersistentDecodeConfig(tile_n=64, heads_per_item=1, num_warps=4, num_stages=6),
+)
+
+
+def default_config(head_dim: int, elem_size: int) -> PersistentDecodeConfig:
+    """One KV head per item, 64 KB of K+V per tile, 3 tiles in flight (CONFIGS[0] at D=128 bf16);
+    fp32 (tests) gets 32 KB tiles."""
+    target = 32768 if elem_size >= 4 else 65536
+    tile_n = max(16, min(256, triton.next_power_of_2(max(1, target // (head_dim * elem_size * 2)))))
+    return PersistentDecodeConfig(tile_n=tile_n, heads_per_item=1, num_warps=8, num_stages=4)
+
+
+def _heads_per_item(requested: int | None, num_kv_heads: int) -> int:
+    if requested is None:  # all KV heads, capped at 8 (acc is HB x 16 x D fp32 in registers)
+        requested = next(h for h in (8, 4, 2, 1) if num_kv_heads % h == 0)
+    if num_kv_heads % requested:
+        raise ValueError(f"heads_per_item {requested} does not divide num kv heads {num_kv_heads}")
+    return requested
+
+
+@triton.jit
+def _tiles_of(lens, TILE_N: tl.constexpr):
+    """Tiles per (request, head group): an empty context still gets one (fully masked) tile, so
+    every output row is written and the tile count is strictly increasing over requests."""
+    return tl.maximum(tl.cdiv(lens, TILE_N), 1)
+
+
+@triton.jit
+def _locate(lens_ptr, num_requests, tile, NUM_GROUPS: tl.constexpr, TILE_N: tl.constexpr,
+            SCAN: tl.constexpr):
+    """Request r and tile offset u inside r's NUM_GROUPS * n_r tiles for a global tile index."""
+    base = 0     # tiles per group before the current scan chunk
+    count = 0    # requests whose first tile is <= tile
+    first = 0    # first tile (per group) of the last such request
+    for r0 in range(0, num_requests, SCAN):
+        idx = r0 + tl.arange(0, SCAN)
+        inb = idx < num_requests
+        n = tl.where(inb, _tiles_of(tl.load(lens_ptr + idx, mask=inb, other=0), TILE_N), 0)
+        excl = tl.cumsum(n, 0) - n + base
+        ok = inb & (excl * NUM_GROUPS <= tile)
+        count += tl.sum(ok.to(tl.int32), 0)
+        first = tl.maximum(first, tl.max(tl.where(ok, excl, 0), 0))
+        base += tl.sum(n, 0)
+    r = tl.maximum(count - 1, 0)
+    return r, tile - first * NUM_GROUPS
+
+
+@triton.jit
+def _total_tiles(lens_ptr, num_requests, TILE_N: tl.constexpr, SCAN: tl.constexpr):
+    total = 0
+    for r0 in range(0, num_requests, SCAN):
+        idx = r0 + tl.arange(0, SCAN)
+        inb = idx < num_requests
+        total += tl.sum(tl.where(inb, _tiles_of(tl.load(lens_ptr + idx, mask=inb, other=0), TILE_N), 0), 0)
+    return total
+
+
+@triton.jit
+def _range_of(pid, num_programs, total):
+    """Tile range [start, end) of a program; int64 products (total * P may pass 2**31)."""
+    start = (pid.to(tl.int64) * total // num_programs).to(tl.int32)
+    end = ((pid + 1).to(tl.int64) * total // num_programs).to(tl.int32)
+    return start, end
+
+
+@triton.jit
+def _decode_persistent_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, pacc_ptr, pml_ptr, meta_ptr,
+    scale_log2, num_requests,
+    stride_qr, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_bt, stride_or, stride_oh,
+    NUM_GROUPS: tl.constexpr, HB: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TILE_N: tl.constexpr,
+    SCAN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    total = NUM_GROUPS * _total_tiles(lens_ptr, num_requests, TILE_N, SCAN)
+    start, end = _range_of(pid, num_programs, total)
+
+    # [HB, BLOCK_H, BLOCK_D] query / output rows; [HB, TILE_N, BLOCK_D] K / V rows.
+    hb3 = tl.arange(0, HB)[:, None, None]
+    h3 = tl.arange(0, BLOCK_H)[None, :, None]
+    t3 = tl.arange(0, TILE_N)[None, :, None]
+    d3 = tl.arange(0, BLOCK_D)[None, None, :]
+    offs_t = tl.arange(0, TILE_N)
+    row_mask = (h3 < GROUP) & (d3 < HEAD_DIM)
+    d_mask = d3 < HEAD_DIM
+    q_rows = (hb3 * GROUP + h3) * stride_qh + d3          # + (g * HB * GROUP) * stride_qh
+    o_rows = (hb3 * GROUP + h3) * stride_oh + d3
+    k_cols = hb3 * stride_kh + d3                           # + g * HB * stride_kh
+    v_cols = hb3 * stride_vh + d3
+    part_rows = (hb3 * GROUP + h3) * HEAD_DIM + d3          # partial acc [P, 2, HB * GROUP, HEAD_DIM]
+    h2 = tl.arange(0, BLOCK_H)[None, :]
+    ml_rows = tl.arange(0, HB)[:, None] * GROUP + h2         # partial m, l [P, 2, 2, HB * GROUP]
+
+    # State of the first tile: request r, head group g, tile j of n, and what it needs loaded.
+    r, u = _locate(lens_ptr, num_requests, start, NUM_GROUPS, TILE_N, SCAN)
+    seq_len = tl.load(lens_ptr + r).to(tl.int32)
+    n = _tiles_of(seq_len, TILE_N)
+    g = u // n
+    j = u % n
+    pos = j * TILE_N + offs_t
+    page = tl.load(bt_ptr + r.to(tl.int64) * stride_bt + pos // BLOCK_SIZE, mask=pos < seq_len, other=0)
+    next_len = tl.load(lens_ptr + r + 1, mask=r + 1 < num_requests, other=0).to(tl.int32)
+
+    m_i = tl.full([HB, BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([HB, BLOCK_H], tl.float32)
+    acc = tl.zeros([HB, BLOCK_H, BLOCK_D], tl.float32)
+    own_item = -1   # item this program starts but does not finish (its merge is ours)
+    own_end = 0
+    for t in range(start, end):
+        # ---- the current tile (r, g, j): K / V addresses come from loop-carried values only.
+        pos = j * TILE_N + offs_t
+        valid = (pos < seq_len)[None, None, :]
+        slot = (pos % BLOCK_SIZE)[None, :, None]
+        page3 = page.to(tl.int64)[None, :, None]
+        kv_mask = (pos < seq_len)[None, :, None] & d_mask
+        head0 = g * HB
+        k = tl.load(k_ptr + page3 * stride_kb + slot * stride_ks + head0 * stride_kh + k_cols,
+                    mask=kv_mask, other=0.0, eviction_policy="evict_first")
+        v = tl.load(v_ptr + page3 * stride_vb + slot * stride_vs + head0 * stride_vh + v_cols,
+                    mask=kv_mask, other=0.0, eviction_policy="evict_first")
+        q = tl.load(q_ptr + r.to(tl.int64) * stride_qr + head0 * GROUP * stride_qh + q_rows,
+                    mask=row_mask, other=0.0)
+        # A new item starts from an empty softmax state.
+        fresh = j == 0
+        m_i = tl.where(fresh, float("-inf"), m_i)
+        l_i = tl.where(fresh, 0.0, l_i)
+        acc = tl.where(fresh, 0.0, acc)
+        s = tl.dot(q, tl.trans(k, 0, 2, 1), input_precision=DOT_PRECISION) * scale_log2
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 2))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked tile (empty context)
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, :, None])
+        l_i = l_i * alpha + tl.sum(p, 2)
+        acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+        # ---- leaving the item (its last tile, or this program's last tile): write it.
+        item_start = t - j
+        item_end = item_start + n
+        if (j == n - 1) | (t == end - 1):
+            if (item_start >= start) & (item_end <= end):
+                o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, :, None]
+                tl.store(o_ptr + r.to(tl.int64) * stride_or + head0 * GROUP * stride_oh + o_rows,
+                         o.to(o_ptr.dtype.element_ty), mask=row_mask)
+            else:
+                part = pid * 2 + (item_start >= start).to(tl.int32)   # slot 1: the owner's
+                tl.store(pacc_ptr + part.to(tl.int64) * (HB * GROUP * HEAD_DIM) + part_rows, acc,
+                         mask=row_mask)
+                ml_mask = h2 < GROUP
+                tl.store(pml_ptr + part * (2 * HB * GROUP) + ml_rows, m_i, mask=ml_mask)
+                tl.store(pml_ptr + part * (2 * HB * GROUP) + HB * GROUP + ml_rows, l_i, mask=ml_mask)
+        owner = (t == end - 1) & (item_start >= start) & (item_end > end)
+        own_item = tl.where(owner, r * NUM_GROUPS + g, own_item)
+        own_end = tl.where(owner, item_end, own_end)
+
+        # ---- advance to the next tile; its loads are consumed by the next iteration.
+        j += 1
+        next_item = j == n
+        j = tl.where(next_item, 0, j)
+        g = tl.where(next_item, g + 1, g)
+        next_req = g == NUM_GROUPS
+        g = tl.where(next_req, 0, g)
+        r = tl.where(next_req, r + 1, r)
+        seq_len = tl.where(next_req, next_len, seq_len)
+        n = _tiles_of(seq_len, TILE_N)
+        r_in = tl.minimum(r, num_requests - 1)  # past the last tile r may run off the end
+        pos = j * TILE_N + offs_t
+        page = tl.load(bt_ptr + r_in.to(tl.int64) * stride_bt + pos // BLOCK_SIZE, mask=pos < seq_len,
+                       other=0)
+        next_len = tl.load(lens_ptr + r_in + 1, mask=r_in + 1 < num_requests, other=0).to(tl.int32)
+    tl.store(meta_ptr + pid * 3, own_item)
+    tl.store(meta_ptr + pid * 3 + 1, own_end)
+    tl.store(meta_ptr + pid * 3 + 2, total)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    pacc_ptr, pml_ptr, meta_ptr, o_ptr, stride_or, stride_oh,
+    NUM_GROUPS: tl.constexpr, HB: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Program (q, hb): if program q of the main kernel owns a cut item, combine its slot-1 partial
+    with the slot-0 partials of the later programs covering the item, for KV head hb of the item."""
+    pid = tl.program_id(0)
+    hb = tl.program_id(1)
+    num_programs = tl.num_programs(0)
+    item = tl.load(meta_ptr + pid * 3)
+    if item >= 0:
+        item_end = tl.load(meta_ptr + pid * 3 + 1)
+        total = tl.load(meta_ptr + pid * 3 + 2)
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        g_mask = offs_g < GROUP
+        rows = hb * GROUP + offs_g
+        gd_mask = g_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+        own = pid * 2 + 1
+        m_run = tl.load(pml_ptr + own * (2 * HB * GROUP) + rows, mask=g_mask, other=0.0)
+        l_run = tl.load(pml_ptr + own * (2 * HB * GROUP) + HB * GROUP + rows, mask=g_mask, other=0.0)
+        acc = tl.load(pacc_ptr + own.to(tl.int64) * (HB * GROUP * HEAD_DIM) + rows[:, None] * HEAD_DIM
+                      + offs_d[None, :], mask=gd_mask, other=0.0)
+        offs_p = tl.arange(0, BLOCK_P)
+        p0 = pid + 1
+        p0_start, _ = _range_of(p0, num_programs, total)
+        while (p0 < num_programs) & (p0_start < item_end):
+            progs = p0 + offs_p
+            lo = (progs.to(tl.int64) * total // num_programs).to(tl.int32)
+            hi = ((progs + 1).to(tl.int64) * total // num_programs).to(tl.int32)
+            take = (progs < num_programs) & (lo < item_end) & (hi > lo)   # covers the item, non-empty
+            part = progs * 2                                              # slot 0
+            pm = tl.load(pml_ptr + part[:, None] * (2 * HB * GROUP) + rows[None, :],
+                         mask=take[:, None] & g_mask[None, :], other=float("-inf"))
+            pl = tl.load(pml_ptr + part[:, None] * (2 * HB * GROUP) + HB * GROUP + rows[None, :],
+                         mask=take[:, None] & g_mask[None, :], other=0.0)
+            pa = tl.load(pacc_ptr + part.to(tl.int64)[:, None, None] * (HB * GROUP * HEAD_DIM)
+                         + rows[None, :, None] * HEAD_DIM + offs_d[None, None, :],
+                         mask=take[:, None, None] & gd_mask[None, :, :], other=0.0)
+            m_new = tl.maximum(m_run, tl.max(pm, 0))
+            alpha = tl.exp2(m_run - m_new)
+            w = tl.exp2(pm - m_new[None, :])                               # taken-out partials: 0
+            l_run = l_run * alpha + tl.sum(pl * w, 0)
+            acc = acc * alpha[:, None] + tl.sum(pa * w[:, :, None], 0)
+            m_run = m_new
+            p0 += BLOCK_P
+            p0_start, _ = _range_of(p0, num_programs, total)
+        r = item // NUM_GROUPS
+        heads = (item % NUM_GROUPS) * (HB * GROUP) + rows
+        out = acc / tl.where(l_run > 0.0, l_run, 1.0)[:, None]
+        tl.store(o_ptr + r.to(tl.int64) * stride_or + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=gd_mask)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    num_programs: int,
+    out: torch.Tensor | None = None,
+    config: PersistentDecodeConfig | None = None,
+) -> torch.Tensor:
+    """q [R, Hq, D]; caches [num_blocks, block_size, Hk, D]; block_tables [R, max_blocks] int32;
+    seq_lens [R] (context incl. the current token; 0 gives zeros). Returns [R, Hq, D].
+
+    num_programs: the grid of the main kernel (the SM budget); the merge kernel's grid is
+    num_programs x heads_per_item and its programs without a cut item exit at once.
+    config: tile / heads / warps / stages; None = default_config(...).
+    """
+    if num_programs < 1:
+        raise ValueError(f"num_programs must be >= 1, got {num_programs}")
+    num_requests, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, cache_dim = k_cache.shape
+    if cache_dim != head_dim or v_cache.shape != k_cache.shape:
+        raise ValueError(f"cache shape {tuple(k_cache.shape)} / {tuple(v_cache.shape)} does not "
+                         f"match q head_dim {head_dim}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num q heads {num_heads} is not a multiple of num kv heads {num_kv_heads}")
+    if out is None:
+        out = torch.empty((num_requests, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError("out must match q's shape and dtype with a contiguous head dim")
+    if num_requests == 0:
+        return out
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or block_tables.stride(-1) != 1:
+        raise ValueError("KV cache head dim and block_tables rows must be contiguous")
+    if seq_lens.stride(0) != 1:
+        seq_lens = seq_lens.contiguous()
+    cfg = config or default_config(head_dim, q.element_size())
+    hb = _heads_per_item(cfg.heads_per_item, num_kv_heads)
+    group = num_heads // num_kv_heads
+    block_h = max(16, triton.next_power_of_2(group))
+    block_d = triton.next_power_of_2(head_dim)
+    # Partials: two slots per program, the real query rows of one item each.
+    pacc = torch.empty((num_programs, 2, hb * group, head_dim), dtype=torch.float32, device=q.device)
+    pml = torch.empty((num_programs, 2, 2, hb * group), dtype=torch.float32, device=q.device)
+    meta = torch.empty((num_programs, 3), dtype=torch.int32, device=q.device)
+    _decode_persistent_kernel[(num_programs,)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, pacc, pml, meta,
+        scale * 1.4426950408889634, num_requests,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        NUM_GROUPS=num_kv_heads // hb, HB=hb, GROUP=group, BLOCK_H=block_h,
+        BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_D=block_d, TILE_N=cfg.tile_n,
+        SCAN=_SCAN, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    _decode_merge_kernel[(num_programs, hb)](
+        pacc, pml, meta, out, out.stride(0), out.stride(1),
+        NUM_GROUPS=num_kv_heads // hb, HB=hb, GROUP=group, BLOCK_G=triton.next_power_of_2(group),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_P=_MERGE_PROGRAMS, num_warps=4,
+    )
+    return out

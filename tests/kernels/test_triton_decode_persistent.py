@@ -1,0 +1,94 @@
+import os
+
+import pytest
+import torch
+
+try:
+    import triton  # noqa: F401
+except ImportError:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+from kernel_helpers import DEVICE, TOLERANCES, make_paged_cache, randn
+
+from nanoflow.kernels import decode_attention_persistent as dap
+from nanoflow.kernels import reference
+
+# Ragged contexts: 1 token, partial first block, exact block multiples, several blocks + partial.
+SEQ_LENS = [1, 7, 16, 33, 70, 128]
+SMALL = dap.PersistentDecodeConfig(tile_n=16, heads_per_item=None, num_warps=4, num_stages=2)
+
+
+def run_case(gen, *, hq, hk, head_dim=32, block_size=16, dtype=torch.float32, seq_lens=SEQ_LENS,
+             num_programs=4, config=SMALL):
+    k_cache, v_cache, table = make_paged_cache(gen, seq_lens, block_size, hk, head_dim, dtype)
+    q = randn(gen, len(seq_lens), hq, head_dim, dtype=dtype)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    scale = head_dim ** -0.5
+    out = torch.full_like(q, float("nan"))  # every row must be written
+    got = dap.paged_decode_attention(q, k_cache, v_cache, table, lens, scale, out=out,
+                                     num_programs=num_programs, config=config)
+    assert got is out
+    want = reference.paged_decode_attention(q, k_cache, v_cache, table, lens, scale)
+    torch.testing.assert_close(got, want, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("hq,hk", [(4, 4), (4, 2), (8, 2)])  # GQA ratios 1, 2, 4
+@pytest.mark.parametrize("heads_per_item", [1, None])     # one KV head per item, all KV heads
+def test_gqa_and_heads_per_item(gen, hq, hk, heads_per_item):
+    config = dap.PersistentDecodeConfig(tile_n=16, heads_per_item=heads_per_item, num_warps=4,
+                                        num_stages=2)
+    run_case(gen, hq=hq, hk=hk, config=config)
+
+
+# 1 program: one range cut nowhere. 3 / 7: cuts inside items (partials + merge). 200: more programs
+# than tiles (empty ranges between non-empty ones).
+@pytest.mark.parametrize("num_programs", [1, 3, 7, 200])
+def test_num_programs(gen, num_programs):
+    run_case(gen, hq=8, hk=2, num_programs=num_programs)
+
+
+def test_item_cut_across_many_programs(gen):
+    """One long request over many programs: the owner merges more partials than one merge step."""
+    config = dap.PersistentDecodeConfig(tile_n=16, heads_per_item=1, num_warps=4, num_stages=2)
+    run_case(gen, hq=4, hk=1, seq_lens=[700], num_programs=40, config=config)
+
+
+@pytest.mark.parametrize("block_size,tile_n", [(8, 32), (32, 16), (16, 64)])
+def test_tiles_across_and_inside_blocks(gen, block_size, tile_n):
+    """A tile spans several cache blocks, lies inside one block, or is longer than most contexts."""
+    config = dap.PersistentDecodeConfig(tile_n=tile_n, heads_per_item=2, num_warps=4, num_stages=2)
+    run_case(gen, hq=4, hk=2, block_size=block_size, num_programs=5, config=config)
+
+
+# Triton's interpreter multiplies bf16 dot operands as raw integers: bf16 is checked on the GPU only.
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1", reason="bf16 tl.dot is wrong in the interpreter"))])
+def test_half_dtypes_and_default_config(gen, dtype):
+    run_case(gen, hq=8, hk=2, head_dim=64, dtype=dtype, num_programs=3, config=None)
+
+
+def test_empty_context_and_head_dim_not_pow2(gen):
+    """seq_len 0 gives zeros (as the reference); D=48 pads to 64 lanes."""
+    run_case(gen, hq=4, hk=2, head_dim=48, seq_lens=[0, 3, 0, 40], num_programs=3)
+
+
+def test_default_config_sizes():
+    cfg = dap.default_config(head_dim=128, elem_size=2)
+    assert cfg.heads_per_item == 1 and cfg.tile_n * 128 * 2 * 2 == 65536   # 64 KB of K+V per tile
+    assert dap.default_config(head_dim=64, elem_size=4).tile_n == 64
+
+
+def test_rejects_bad_arguments(gen):
+    k_cache, v_cache, table = make_paged_cache(gen, [4], 16, 2, 32, torch.float32)
+    lens = torch.tensor([4], dtype=torch.int32, device=DEVICE)
+    q = randn(gen, 1, 4, 32)
+    with pytest.raises(ValueError, match="num_programs"):
+        dap.paged_decode_attention(q, k_cache, v_cache, table, lens, 1.0, num_programs=0)
+    with pytest.raises(ValueError, match="multiple"):
+        dap.paged_decode_attention(randn(gen, 1, 3, 32), k_cache, v_cache, table, lens, 1.0,
+                                   num_programs=2)
+    with pytest.raises(ValueError, match="divide"):
+        dap.paged_decode_attention(q, k_cache, v_cache, table, lens, 1.0, num_programs=2,
+                                   config=dap.PersistentDecodeConfig(heads_per_item=3))
+    with pytest.raises(ValueError, match="tile_n"):
+        dap.PersistentDecodeConfig(tile_n=24)
