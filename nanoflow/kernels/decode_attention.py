@@ -82,7 +82,9 @@ def choose_num_splits(num_requests: int, num_kv_heads: int, sm_count: int,
     return max(1, min(splits, _MAX_SPLITS))
 
 
-@triton.jit
+# Batch-dependent ints and row-sliced metadata pointers change every step: no re-compiles.
+@triton.jit(do_not_specialize=['num_work', 'num_splits'],
+            do_not_specialize_on_alignment=['num_work', 'num_splits', 'bt_ptr', 'lens_ptr'])
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr,
     scale_log2, num_work, num_splits,
@@ -154,7 +156,9 @@ def _decode_split_kernel(
                      mask=offs_h < GROUP)
 
 
-@triton.jit
+# Batch-dependent ints and row-sliced metadata pointers change every step: no re-compiles.
+@triton.jit(do_not_specialize=['num_work', 'num_splits'],
+            do_not_specialize_on_alignment=['num_work', 'num_splits'])
 def _decode_merge_kernel(
     po_ptr, lse_ptr, out_ptr, num_work, num_heads, num_splits, stride_or, stride_oh,
     BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,

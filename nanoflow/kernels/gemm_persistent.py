@@ -27,6 +27,9 @@ except ImportError:  # pragma: no cover - old triton: pointer path only
     TensorDescriptor = None
 
 
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
 @dataclasses.dataclass(frozen=True)
 class GemmConfig:
     """Tile BLOCK_M x BLOCK_N, K step BLOCK_K; num_stages K steps in flight through shared memory
@@ -95,7 +98,7 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 def _gemm_tma_kernel(
     a_desc, b_desc, c_desc, bias_ptr, M, N, K,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, OUT_DTYPE: tl.constexpr,
 ):
     start = tl.program_id(0)
     step = tl.num_programs(0)
@@ -114,7 +117,7 @@ def _gemm_tma_kernel(
         if HAS_BIAS:
             offs_n = off_n + tl.arange(0, BLOCK_N)
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+        c_desc.store([off_m, off_n], acc.to(OUT_DTYPE))
 
 
 @triton.jit
@@ -184,8 +187,8 @@ def persistent_matmul(
         raise ValueError(f"num_programs must be >= 1, got {num_programs}")
     if a.dim() != 2 or b_t.dim() != 2 or a.shape[1] != b_t.shape[1]:
         raise ValueError(f"a {tuple(a.shape)} and b_t {tuple(b_t.shape)} must be [M, K] and [N, K]")
-    if a.dtype != b_t.dtype:
-        raise ValueError(f"a and b_t dtypes differ: {a.dtype} vs {b_t.dtype}")
+    if a.dtype != b_t.dtype or a.dtype not in _TL_DTYPES:
+        raise ValueError(f"a and b_t must share a dtype in {list(_TL_DTYPES)}: {a.dtype}, {b_t.dtype}")
     m, k = a.shape
     n = b_t.shape[0]
     if out is None:
@@ -212,7 +215,8 @@ def persistent_matmul(
         a_desc = TensorDescriptor(a, [m, k], [a.stride(0), 1], [cfg.block_m, cfg.block_k])
         b_desc = TensorDescriptor(b_t, [n, k], [b_t.stride(0), 1], [cfg.block_n, cfg.block_k])
         c_desc = TensorDescriptor(out, [m, n], [out.stride(0), 1], [cfg.block_m, cfg.block_n])
-        _gemm_tma_kernel[(num_programs,)](a_desc, b_desc, c_desc, bias_arg, m, n, k, **meta)
+        _gemm_tma_kernel[(num_programs,)](a_desc, b_desc, c_desc, bias_arg, m, n, k,
+                                          OUT_DTYPE=_TL_DTYPES[out.dtype], **meta)
     else:
         _gemm_ptr_kernel[(num_programs,)](
             a, b_t, out, bias_arg, m, n, k, a.stride(0), b_t.stride(0), out.stride(0),

@@ -94,7 +94,9 @@ def _attend_tile(acc, m_i, l_i, next_page, q, k_ptr, v_ptr, bt_row, kv_off, n0, 
     return acc, m_new, l_i, next_page
 
 
-@triton.jit
+# Batch-dependent ints and row-sliced metadata pointers change every step: no re-compiles.
+@triton.jit(do_not_specialize=['num_requests', 'num_work'],
+            do_not_specialize_on_alignment=['num_requests', 'num_work', 'bt_ptr', 'qsl_ptr', 'lens_ptr'])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, qsl_ptr, lens_ptr, o_ptr,
     scale_log2, num_requests, num_work,

@@ -1,0 +1,637 @@
+"""Profiler of NanoFlow's auto-search: times each op of one decoder layer, alone, on row ranges of a
+synthetic dense batch, for a grid of nano-batch sizes and SM budgets; and the interference of a
+memory-bound op (decode attention, on a high-priority stream, launched first) running at the same
+time as each compute-stream op. The result is a `ProfileTable` (JSON) that milp.py reads.
+
+Timing: CUDA events on the GPU, with a device-side sleep queued first so the host has enqueued the
+timed calls before they start (kernel time, not launch gaps); median of several reps. On CPU the host
+clock (tests; no streams, so no interference table).
+"""
+from __future__ import annotations
+
+import bisect
+import contextlib
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+PROFILE_FORMAT = 1
+MIXED = "mixed"
+"""Workload class used when the workload is not known in advance (serving)."""
+DEFAULT_MEMORY_BUDGETS = (16, 24, 32, 44, 56, 64)
+"""SM budgets tried for the memory-stream op (decode attention); compute ops get the rest."""
+QUICK_MEMORY_BUDGETS = (24, 44, 64)
+
+
+# ---- workload classes ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WorkloadClass:
+    """The shape of the dense batch a plan is tuned for."""
+    name: str
+    """Cache key part: 'mixed', or 'decNN-ctxC' (decode share of the batch in %, mean decode context)."""
+    spec: str
+    """The workload it was derived from (a --workload spec, 'mixed', or 'custom')."""
+    num_decode: int
+    """Decode rows (requests with one new token)."""
+    num_prefill_tokens: int
+    """Prefill rows (chunks of prompts)."""
+    decode_context: int
+    """Mean context length (cached tokens + the new one) of a decode request."""
+    prefill_chunk: int
+    """Tokens per prefill chunk (the last chunk may be shorter)."""
+    prefill_context: int = 0
+    """Tokens already cached before a prefill chunk."""
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_decode + self.num_prefill_tokens
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WorkloadClass":
+        return cls(**{k: d[k] for k in ("name", "spec", "num_decode", "num_prefill_tokens", "decode_context",
+                                         "prefill_chunk", "prefill_context") if k in d})
+
+    def describe(self) -> str:
+        return (f"{self.name}: {self.num_tokens} tokens = {self.num_decode} decode (mean context "
+                f"{self.decode_context}) + {self.num_prefill_tokens} prefill (chunks of {self.prefill_chunk})")
+
+
+def class_name(num_decode: int, num_prefill: int, context: int) -> str:
+    total = max(1, num_decode + num_prefill)
+    pct = int(round(100 * num_decode / total / 5) * 5)
+    bucket = 2 ** round(math.log2(max(1, context)))
+    return f"dec{pct:02d}-ctx{bucket}"
+
+
+def workload_class_for(spec: str, token_budget: int, *, kv_capacity_tokens: int, max_num_seqs: int,
+                       max_model_len: int, admission_ratio: float = 1.0, decode_fraction: float | None = None,
+                       context: int | None = None, trace_dir: str | None = None) -> WorkloadClass:
+    """The steady-state dense batch of a workload: requests running at once are bounded by
+    max_num_seqs and by the KV cache (admission by projected peak, prompt + output); per step every
+    running request decodes one token, and prefill fills what finishing requests free (a request's
+    prompt per output length), up to the token budget. 'mixed' is half decode (context 1024), half
+    prefill (chunks of 512). decode_fraction / context override the derived values (the batch is then
+    filled to the token budget)."""
+    spec = (spec or MIXED).strip()
+    if spec == MIXED:
+        n_in, n_out = 512, 512
+    else:
+        from nanoflow.bench.workloads import filter_rows, load_trace, parse_workload
+        wl = parse_workload(spec, trace_dir)
+        if wl.kind == "constant":
+            n_in, n_out = wl.input_len, wl.output_len
+        else:
+            rows = load_trace(wl.path)
+            kept = filter_rows(rows, max_model_len)
+            if not kept:
+                raise ValueError(f"workload {spec!r}: no trace row fits max_model_len {max_model_len}")
+            n_in = max(1, round(statistics.fmean(rows.input_lens[i] for i in kept)))
+            n_out = max(1, round(statistics.fmean(rows.output_lens[i] for i in kept)))
+    budget = token_budget
+    if spec == MIXED and decode_fraction is None:
+        decode_fraction = 0.5
+    if decode_fraction is not None:
+        if not 0.0 <= decode_fraction <= 1.0:
+            raise ValueError(f"decode fraction must be in [0, 1], got {decode_fraction}")
+        num_decode = min(round(decode_fraction * budget), max_num_seqs)
+        num_prefill = budget - num_decode if decode_fraction < 1.0 else 0
+        ctx = context or min(1024, max(2, max_model_len // 2))
+        chunk = min(512, max(1, num_prefill))
+    else:
+        running = min(max_num_seqs, int(admission_ratio * kv_capacity_tokens // max(1, n_in + n_out)))
+        num_decode = max(1, min(running, budget * n_out // (n_in + n_out)))
+        num_prefill = max(0, min(budget - num_decode, round(num_decode * n_in / n_out)))
+        ctx = context or (n_in + n_out // 2)
+        chunk = max(1, min(n_in, num_prefill or n_in))
+    ctx = max(2, min(ctx, max_model_len - 1))
+    # The synthetic batch must fit the KV cache (contexts spread to 1.5x the mean, block rounding).
+    room = int(0.9 * kv_capacity_tokens) - num_prefill * 2
+    if num_decode and num_decode * (ctx + 16) > room:
+        ctx = max(2, room // num_decode - 16)
+        if ctx < 16:
+            num_decode = max(1, room // 64)
+            ctx = 32
+    name = MIXED if spec == MIXED and context is None else class_name(num_decode, num_prefill, ctx)
+    return WorkloadClass(name, spec, int(num_decode), int(num_prefill), int(ctx), int(chunk), 0)
+
+
+def workload_class_for_engine(engine, spec: str, **overrides) -> WorkloadClass:
+    kv = engine.kv
+    sched = engine.scheduler.config
+    return workload_class_for(spec, sched.token_budget, kv_capacity_tokens=kv.pool.num_blocks * kv.block_size,
+                              max_num_seqs=sched.max_num_seqs, max_model_len=engine.max_model_len,
+                              admission_ratio=sched.kv_admission_ratio, **overrides)
+
+
+# ---- the synthetic dense batch -------------------------------------------------------------------
+@contextlib.contextmanager
+def dense_batch(engine, wl: WorkloadClass, seed: int = 0) -> Iterator:
+    """A ForwardBatch of `wl` on the engine's device: fake requests with KV blocks allocated from the
+    engine's pool (freed on exit), decode requests first (contexts spread over 0.5x..1.5x the mean,
+    shuffled), then prefill chunks."""
+    import numpy as np
+
+    from nanoflow.engine.request import Request
+    from nanoflow.engine.scheduler import SchedulerOutput
+    from nanoflow.sampling_params import SamplingParams
+
+    if wl.num_tokens > engine.scheduler.config.token_budget:
+        raise ValueError(f"the synthetic batch has {wl.num_tokens} tokens, more than the engine's token "
+                         f"budget {engine.scheduler.config.token_budget}")
+    rng = np.random.default_rng(seed)
+    vocab = engine.model_config.vocab_size
+    limit = engine.max_model_len - 1
+    d = wl.num_decode
+    spread = np.linspace(0.5, 1.5, d) if d > 1 else np.ones(max(d, 0))
+    contexts = np.clip(np.round(spread * wl.decode_context), 2, limit).astype(int)
+    rng.shuffle(contexts)
+    longest = int(max(contexts.max(initial=2), wl.prefill_context + wl.prefill_chunk, 2))
+    base = rng.integers(10, max(11, vocab - 10), size=longest + 1).tolist()
+    params = SamplingParams(max_tokens=1)
+    scheduled, ids = [], []
+    try:
+        for i, ctx in enumerate(contexts.tolist()):
+            req = Request(f"__nanoflow_profile_d{i}", base[:ctx], params, 1, i)
+            req.num_computed_tokens = ctx - 1
+            _allocate(engine, req.request_id, ctx, ids)
+            scheduled.append((req, 1))
+        left, j = wl.num_prefill_tokens, 0
+        while left > 0:
+            n = min(wl.prefill_chunk, left)
+            req = Request(f"__nanoflow_profile_p{j}", base[:wl.prefill_context + n], params, 1, d + j)
+            req.num_computed_tokens = wl.prefill_context
+            _allocate(engine, req.request_id, wl.prefill_context + n, ids)
+            scheduled.append((req, n))
+            left -= n
+            j += 1
+        batch = engine.runner.build_batch(SchedulerOutput(scheduled=scheduled, num_decode=d))
+        yield batch
+    finally:
+        for rid in ids:
+            engine.kv.free(rid)
+
+
+def _allocate(engine, rid: str, tokens: int, ids: list[str]) -> None:
+    if engine.kv.allocate(rid, tokens) is None:
+        raise ValueError(f"the KV cache ({engine.kv.pool.num_blocks} blocks of {engine.kv.block_size}) is too "
+                         f"small for the profiling batch: lower the context (--context) or the token budget")
+    ids.append(rid)
+
+
+# ---- the table -----------------------------------------------------------------------------------
+def budget_key(budget: int | None) -> str:
+    return "full" if budget is None else str(int(budget))
+
+
+@dataclass
+class ProfileTable:
+    """Op times of one layer for nano-batch sizes and SM budgets, plus measured interference."""
+    device: str
+    """Device name (torch.cuda.get_device_name, or 'cpu')."""
+    num_sms: int | None
+    """Streaming multiprocessors of the device (None on CPU)."""
+    torch_version: str
+    triton_version: str | None
+    model: dict
+    """ModelConfig fields."""
+    dtype: str
+    tp: int
+    dense_batch: int
+    """The engine's token budget (cache key)."""
+    workload: dict
+    """WorkloadClass of the profiled batch."""
+    num_tokens: int
+    num_decode: int
+    prefill_chunks: list[int]
+    """Rows of each prefill chunk (in batch order)."""
+    ops: list[dict]
+    """The layer's ops in order: name, resource, scope, reads, writes."""
+    memory_budgets: list[int]
+    """SM budgets profiled for memory-stream ops."""
+    compute_budgets: list[int]
+    """SM budgets profiled for compute ops (num_sms minus a memory budget)."""
+    alone: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    """op -> budget ('full' or SMs) -> rows -> ms (the op alone)."""
+    interference: list[dict] = field(default_factory=list)
+    """Pair runs: side op at side_budget on a high-priority stream, launched first, with comp_reps
+    calls of comp_op (at comp_budget) on another stream: times alone and together."""
+    timing: str = "cuda-events"
+    created: str = ""
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    format: int = PROFILE_FORMAT
+
+    # ---- JSON ----
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ProfileTable":
+        if d.get("format") != PROFILE_FORMAT:
+            raise ValueError(f"profile format {d.get('format')!r} is not {PROFILE_FORMAT}: profile again")
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ProfileTable":
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"profile file {p} does not exist")
+        try:
+            return cls.from_dict(json.loads(p.read_text()))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"profile file {p} is not valid JSON: {exc}") from exc
+
+    # ---- queries ----
+    @property
+    def workload_class(self) -> WorkloadClass:
+        return WorkloadClass.from_dict(self.workload)
+
+    @property
+    def num_prefill(self) -> int:
+        return self.num_tokens - self.num_decode
+
+    def op(self, name: str) -> dict:
+        return next(o for o in self.ops if o["name"] == name)
+
+    def has_budget(self, op: str, budget: int | None) -> bool:
+        return budget_key(budget) in self.alone.get(op, {})
+
+    def op_time(self, op: str, rows: int, budget: int | None = None) -> float:
+        """ms of `op` on `rows` rows at an SM budget: piecewise linear between profiled sizes, flat
+        below the smallest (small nano-batches are no cheaper than that), proportional above the
+        largest. A budget not profiled for the op (e.g. norms) reads the full-device time."""
+        if rows <= 0:
+            return 0.0
+        table = self.alone.get(op)
+        if not table:
+            raise KeyError(f"op {op!r} was not profiled")
+        series = table.get(budget_key(budget)) or table["full"]
+        pts = sorted((int(k), v) for k, v in series.items())
+        sizes = [p[0] for p in pts]
+        if rows <= sizes[0]:
+            return pts[0][1]
+        if rows >= sizes[-1]:
+            return pts[-1][1] * rows / sizes[-1]
+        i = bisect.bisect_left(sizes, rows)
+        (s0, t0), (s1, t1) = pts[i - 1], pts[i]
+        return t0 + (t1 - t0) * (rows - s0) / (s1 - s0)
+
+    def interference_factors(self, mode: str, side_budget: int | None) -> tuple[float, float] | None:
+        """(iota, phi) for a memory op at side_budget next to compute ops in `mode` ('free': compute
+        ops on the whole device; 'shared': compute ops on num_sms - side_budget SMs): the memory op
+        takes iota x its alone time, and the compute stream loses phi ms of progress per ms the memory
+        op runs (time-weighted over compute ops). None when not measured."""
+        recs = [r for r in self.interference if r["mode"] == mode and r["side_budget"] == side_budget]
+        if not recs:
+            return None
+        iota = statistics.median(r["side_ms"] / r["side_alone_ms"] for r in recs if r["side_alone_ms"] > 0)
+        weights = {r["comp_op"]: self.op_time(r["comp_op"], self.num_tokens) for r in recs}
+        total = sum(weights.values()) or 1.0
+        phi = sum(weights[r["comp_op"]] * _phi(r) for r in recs) / total
+        return max(1.0, iota), min(max(phi, 0.0), 1.0)
+
+    def summary(self) -> str:
+        lines = [f"profile: {self.device} ({self.num_sms or '-'} SMs), torch {self.torch_version}, "
+                 f"triton {self.triton_version or '-'}, {self.model.get('architecture')} h={self.model.get('hidden_size')}"
+                 f" ffn={self.model.get('intermediate_size')}, {self.dtype}, token budget {self.dense_batch}",
+                 f"batch: {WorkloadClass.from_dict(self.workload).describe()}",
+                 f"{'op':<16}{'full batch ms':>14}" + "".join(f"{'@' + str(b):>9}" for b in self.compute_budgets)]
+        for o in self.ops:
+            rows = self._full_rows(o)
+            row = f"{o['name']:<16}{self.op_time(o['name'], rows):>14.4f}"
+            budgets = self.memory_budgets if o["name"] in self.side_ops() else self.compute_budgets
+            for b in budgets:
+                row += f"{self.op_time(o['name'], rows, b):>9.4f}" if self.has_budget(o["name"], b) else f"{'-':>9}"
+            if o["name"] in self.side_ops():
+                row += "   (memory budgets " + ",".join(map(str, self.memory_budgets)) + ")"
+            lines.append(row)
+        for mode in ("free", "shared"):
+            for b in [None, *self.memory_budgets]:
+                f = self.interference_factors(mode, b)
+                if f:
+                    lines.append(f"interference {mode:<6} memory@{budget_key(b):<5} iota {f[0]:.2f}  phi {f[1]:.2f}")
+        return "\n".join(lines)
+
+    def side_ops(self) -> list[str]:
+        return [o["name"] for o in self.ops if is_side_op(o)]
+
+    def _full_rows(self, o: dict) -> int:
+        return {"decode": self.num_decode, "prefill": self.num_prefill}.get(o["scope"], self.num_tokens)
+
+
+def _phi(r: dict) -> float:
+    if r["side_ms"] <= 0:
+        return 0.0
+    return (r["comp_ms"] - r["comp_reps"] * r["comp_alone_ms"]) / r["side_ms"]
+
+
+def is_side_op(o: dict) -> bool:
+    """Ops that get their own stream: memory-bound decode-scope ops (decode attention), network ops."""
+    return (o["resource"] == "memory" and o["scope"] == "decode") or o["resource"] == "network"
+
+
+def op_meta(op) -> dict:
+    return {"name": op.name, "resource": op.resource.value, "scope": op.scope.value,
+            "reads": list(op.reads), "writes": list(op.writes)}
+
+
+# ---- grids ---------------------------------------------------------------------------------------
+def size_grid(total: int, specials: list[int], step: int) -> list[int]:
+    """Multiples of `step` up to total, plus the special sizes; sizes closer than 8 rows merged."""
+    raw = sorted({s for s in [*range(step, total + 1, step), total, *specials] if 0 < s <= total})
+    out: list[int] = []
+    for s in raw:
+        if out and s - out[-1] < 8:
+            if s == total:
+                out[-1] = s
+            continue
+        out.append(s)
+    return out
+
+
+def token_sizes(T: int, D: int, step: int) -> list[int]:
+    P = T - D
+    specials = [D, P, D // 2, D // 4, (3 * D) // 4, D // 8, P // 2, P // 4, T - D // 2, T - D // 4]
+    return size_grid(T, specials, step)
+
+
+def decode_sizes(D: int, step: int) -> list[int]:
+    return size_grid(D, [D // 8, D // 4, (3 * D) // 8, D // 2, (5 * D) // 8, (3 * D) // 4, (7 * D) // 8], step)
+
+
+# ---- timing --------------------------------------------------------------------------------------
+class _Timer:
+    def __init__(self, device: torch.device, reps: int, warmup: int):
+        self.device, self.reps, self.warmup = device, reps, warmup
+        self.cuda = device.type == "cuda"
+        self.can_sleep = self.cuda and hasattr(torch.cuda, "_sleep")
+        self.cycles_per_ms = 1.8e6
+        if self.cuda:
+            props = torch.cuda.get_device_properties(device)
+            rate = getattr(props, "clock_rate", None)  # kHz when present
+            if rate:
+                self.cycles_per_ms = float(rate)
+
+    def sleep(self, launches: int) -> None:
+        """Keep the GPU busy while the host enqueues `launches` kernels (~40 us each, generous)."""
+        if self.can_sleep:
+            torch.cuda._sleep(int(self.cycles_per_ms * (0.3 + 0.05 * launches)))
+
+    def time(self, fn: Callable[[], None]) -> float:
+        for _ in range(self.warmup):
+            fn()
+        if not self.cuda:
+            times = []
+            for _ in range(self.reps):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            return statistics.median(times)
+        torch.cuda.synchronize(self.device)
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps + 1)]
+        self.sleep(self.reps * 2)
+        events[0].record()
+        for i in range(self.reps):
+            fn()
+            events[i + 1].record()
+        torch.cuda.synchronize(self.device)
+        return statistics.median(events[i].elapsed_time(events[i + 1]) for i in range(self.reps))
+
+    def time_pair(self, side: Callable[[], None], comp: Callable[[], None], comp_reps: int,
+                  side_stream, comp_stream, reps: int) -> tuple[float, float]:
+        """The side op launched first on its (high-priority) stream, then comp_reps calls of comp on
+        another stream, both released by one event: ms until each stream's last kernel ends (median)."""
+        side_ms, comp_ms = [], []
+        main = torch.cuda.current_stream(self.device)
+        for _ in range(reps):
+            torch.cuda.synchronize(self.device)
+            start = torch.cuda.Event(enable_timing=True)
+            side_end = torch.cuda.Event(enable_timing=True)
+            comp_end = torch.cuda.Event(enable_timing=True)
+            self.sleep(comp_reps + 4)
+            start.record(main)
+            side_stream.wait_event(start)
+            comp_stream.wait_event(start)
+            with torch.cuda.stream(side_stream):
+                side()
+                side_end.record(side_stream)
+            with torch.cuda.stream(comp_stream):
+                for _ in range(comp_reps):
+                    comp()
+                comp_end.record(comp_stream)
+            main.wait_stream(side_stream)
+            main.wait_stream(comp_stream)
+            torch.cuda.synchronize(self.device)
+            side_ms.append(start.elapsed_time(side_end))
+            comp_ms.append(start.elapsed_time(comp_end))
+        return statistics.median(side_ms), statistics.median(comp_ms)
+
+
+# ---- the profiler --------------------------------------------------------------------------------
+def _versions() -> tuple[str, str | None]:
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = None
+    return torch.__version__, tv
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def profile_engine(engine, wl: WorkloadClass, *, quick: bool = False, memory_budgets=None,
+                   reps: int | None = None, step: int | None = None, max_seconds: float | None = None,
+                   interference: bool = True, progress: bool = True, log: Callable[[str], None] = print
+                   ) -> ProfileTable:
+    """Profiles layer 0 of `engine.model` on a synthetic dense batch of `wl` (see dense_batch).
+
+    Grid: memory-stream ops (decode attention) on decode-row sizes x ({full} + memory budgets);
+    compute ops (GEMMs, prefill attention) on token-row sizes x ({full} + num_sms - memory budget);
+    other ops (norms, rope, activation) at full device. Essential entries (full device) are timed
+    first; past max_seconds the remaining budgets are skipped (the search then does not use them)."""
+    from tqdm.auto import tqdm
+
+    from nanoflow.models.llama import StepState
+
+    t_start = time.perf_counter()
+    device = engine.device
+    cuda = device.type == "cuda"
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else None
+    if memory_budgets is None:
+        memory_budgets = QUICK_MEMORY_BUDGETS if quick else DEFAULT_MEMORY_BUDGETS
+    memory_budgets = sorted({int(b) for b in memory_budgets if num_sms and 0 < b < num_sms}) if cuda else []
+    compute_budgets = [num_sms - b for b in memory_budgets] if cuda else []
+    reps = reps or (3 if quick or not cuda else 5)
+    step = step or (256 if quick else 128)
+    max_seconds = max_seconds if max_seconds is not None else (100.0 if quick else 200.0)
+    timer = _Timer(device, reps, warmup=2 if cuda else 1)
+    layer_ops = engine.model.layers[0].ops
+    metas = [op_meta(op) for op in layer_ops]
+    torch_v, triton_v = _versions()
+    notes: list[str] = []
+    with dense_batch(engine, wl) as batch:
+        T, D = batch.num_tokens, batch.num_decode
+        starts = batch.query_start_loc_cpu
+        chunks = [starts[i + 1] - starts[i] for i in range(D, batch.num_reqs)]
+        table = ProfileTable(
+            device=device_name(device), num_sms=num_sms, torch_version=torch_v, triton_version=triton_v,
+            model=asdict(engine.model_config), dtype=str(engine.model.dtype).replace("torch.", ""), tp=1,
+            dense_batch=engine.scheduler.config.token_budget, workload=wl.to_dict(), num_tokens=T,
+            num_decode=D, prefill_chunks=chunks, ops=metas, memory_budgets=list(memory_budgets),
+            compute_budgets=list(compute_budgets), timing="cuda-events" if cuda else "host-clock",
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), notes=notes)
+        state = StepState(batch, engine.runner.workspace, engine.runner.kv_caches)
+        tok_sizes, dec_sizes = token_sizes(T, D, step), decode_sizes(D, step if D > 4 * step else 64)
+
+        def call(op, lo: int, hi: int, budget: int | None) -> Callable[[], None]:
+            def run() -> None:
+                state.sm_budget = budget
+                op.fn(state, lo, hi)
+            return run
+
+        with torch.inference_mode():
+            engine.model.embed(state)
+            for op in layer_ops:  # fill every workspace buffer once
+                op.fn(state, 0, T)
+            tasks = _alone_tasks(layer_ops, metas, T, D, tok_sizes, dec_sizes, memory_budgets, compute_budgets)
+            log(f"[tune] profiling {len(tasks)} op timings on {table.device} "
+                f"({T} tokens: {D} decode + {T - D} prefill; {reps} reps each)")
+            skipped = 0
+            bar = tqdm(tasks, desc="profile ops", unit="op", disable=not progress, dynamic_ncols=True)
+            for essential, op, budget, lo, hi in bar:
+                if not essential and time.perf_counter() - t_start > max_seconds:
+                    skipped += 1
+                    continue
+                bar.set_postfix_str(f"{op.name}@{budget_key(budget)}", refresh=False)
+                ms = timer.time(call(op, lo, hi, budget))
+                table.alone.setdefault(op.name, {}).setdefault(budget_key(budget), {})[str(hi - lo)] = ms
+            bar.close()
+            if skipped:
+                notes.append(f"{skipped} budgeted timings skipped after {max_seconds:.0f} s")
+                log(f"[tune] warning: time limit reached, {skipped} budgeted timings skipped")
+            _drop_incomplete_budgets(table, layer_ops, tok_sizes, dec_sizes, notes)
+            if cuda and interference and D > 0:
+                _profile_interference(table, layer_ops, metas, call, timer, T, D, reps, progress,
+                                      t_start, max_seconds + 60.0, log)
+            elif not cuda:
+                notes.append("interference not measured (no CUDA streams on CPU)")
+            state.sm_budget = None
+        if cuda:
+            torch.cuda.synchronize(device)
+    table.seconds = time.perf_counter() - t_start
+    return table
+
+
+def _alone_tasks(layer_ops, metas, T, D, tok_sizes, dec_sizes, memory_budgets, compute_budgets):
+    """(essential, op, budget, lo, hi): full-device entries first, then budgets, the most useful first
+    (mid-range memory budgets, whose compute complement is likely chosen)."""
+    essential, extra = [], []
+    order = sorted(memory_budgets, key=lambda b: abs(b - 40))
+    for op, m in zip(layer_ops, metas):
+        if m["scope"] == "decode":
+            ranges = [(0, n) for n in dec_sizes] if D else []
+        elif m["scope"] == "prefill":
+            ranges = [(D, T)] if T > D else []
+        else:
+            ranges = [(0, n) for n in tok_sizes]
+        essential += [(True, op, None, lo, hi) for lo, hi in ranges]
+        if is_side_op(m):
+            budgets = order
+        elif m["resource"] == "compute":
+            complement = dict(zip(memory_budgets, compute_budgets))
+            budgets = [complement[b] for b in order]
+        else:
+            budgets = []
+        for rank, b in enumerate(budgets):
+            extra += [(rank, False, op, b, lo, hi) for lo, hi in ranges]
+    extra.sort(key=lambda t: t[0])  # budget by budget, so a time limit drops whole budgets
+    return essential + [t[1:] for t in extra]
+
+
+def _drop_incomplete_budgets(table: ProfileTable, layer_ops, tok_sizes, dec_sizes, notes) -> None:
+    """A memory budget is usable only if the side ops and every compute op have all sizes for it."""
+    keep_m, keep_c = [], []
+    for b, c in zip(table.memory_budgets, table.compute_budgets):
+        ok = True
+        for o in table.ops:
+            want = None
+            if is_side_op(o):
+                want = b
+            elif o["resource"] == "compute":
+                want = c
+            if want is None:
+                continue
+            if o["scope"] == "prefill" and table.num_prefill == 0 or o["scope"] == "decode" and not table.num_decode:
+                continue
+            series = table.alone.get(o["name"], {}).get(budget_key(want), {})
+            need = 1 if o["scope"] == "prefill" else len(dec_sizes if o["scope"] == "decode" else tok_sizes)
+            if len(series) < need:
+                ok = False
+        if ok:
+            keep_m.append(b)
+            keep_c.append(c)
+        else:
+            notes.append(f"memory budget {b} dropped (incomplete timings)")
+    table.memory_budgets, table.compute_budgets = keep_m, keep_c
+
+
+def _profile_interference(table: ProfileTable, layer_ops, metas, call, timer: _Timer, T: int, D: int,
+                          reps: int, progress: bool, t_start: float, max_seconds: float, log) -> None:
+    from tqdm.auto import tqdm
+
+    device = timer.device
+    side_stream = torch.cuda.Stream(device=device, priority=-1)
+    comp_stream = torch.cuda.Stream(device=device, priority=0)
+    sides = [(op, m) for op, m in zip(layer_ops, metas) if is_side_op(m) and m["scope"] == "decode"]
+    comps = [(op, m) for op, m in zip(layer_ops, metas) if not is_side_op(m) and m["resource"] != "network"
+             and (m["scope"] != "prefill" or T > D)]
+    tasks = []
+    for side, _ in sides:
+        for b in [None, *table.memory_budgets]:
+            c_budget = None if b is None else table.num_sms - b
+            for comp, m in comps:
+                tasks.append((side, b, comp, m, "free", None))
+                if b is not None and m["resource"] == "compute":
+                    tasks.append((side, b, comp, m, "shared", c_budget))
+    log(f"[tune] measuring interference: {len(tasks)} pairs (memory op first on a high-priority stream)")
+    bar = tqdm(tasks, desc="interference", unit="pair", disable=not progress, dynamic_ncols=True)
+    skipped = 0
+    for side, b, comp, m, mode, c_budget in bar:
+        if time.perf_counter() - t_start > max_seconds:
+            skipped += 1
+            continue
+        bar.set_postfix_str(f"{side.name}@{budget_key(b)} + {comp.name} ({mode})", refresh=False)
+        lo, hi = (D, T) if m["scope"] == "prefill" else (0, T)
+        side_fn = call(side, 0, D, b)
+        comp_fn = call(comp, lo, hi, c_budget)
+        side_alone = timer.time(side_fn)
+        comp_alone = timer.time(comp_fn)
+        comp_reps = max(1, min(256, math.ceil(1.3 * side_alone / max(comp_alone, 1e-4))))
+        side_ms, comp_ms = timer.time_pair(side_fn, comp_fn, comp_reps, side_stream, comp_stream, max(2, reps - 2))
+        table.interference.append({
+            "side_op": side.name, "side_budget": b, "comp_op": comp.name, "mode": mode, "comp_budget": c_budget,
+            "comp_reps": comp_reps, "side_rows": D, "comp_rows": hi - lo, "side_alone_ms": side_alone,
+            "comp_alone_ms": comp_alone, "side_ms": side_ms, "comp_ms": comp_ms})
+    bar.close()
+    if skipped:
+        table.notes.append(f"{skipped} interference pairs skipped (time limit)")
+        log(f"[tune] warning: time limit reached, {skipped} interference pairs skipped")
