@@ -13,14 +13,13 @@ in flight (measured 0.9-1.6 TB/s at 32-66 programs). Here:
   syncs with the host and the launch can be captured in a CUDA graph.
 * Each program runs ONE loop over its tiles. At an item boundary the online-softmax state is reset
   by selects, not by leaving the loop, so Triton's software pipeline (num_stages) keeps streaming
-  K/V tiles across items. Block-table entries and the next request's length
-  are loaded one iteration ahead (loop-carried), so K/V addresses never wait on a load of the same
-  iteration and the pipeliner can keep num_stages - 1 tiles in flight (K, V and the item's query
-  rows are all staged through shared memory by cp.async; K/V with an L2 evict-first hint, since they
-  are read once and a GEMM running beside us wants L2 for its operands).
+  across items. Block-table entries and the next request's length are loaded one iteration ahead
+  (loop-carried), so tile addresses never wait on a load of the same iteration and the pipeliner
+  keeps num_stages - 1 tiles in flight: K, V and the item's query rows, staged in shared memory by
+  cp.async (K/V with an L2 evict-first hint: read once, while a GEMM beside us wants the L2).
 * A work item holds HB KV heads (config.heads_per_item) with all their GQA query heads: [HB, 16, D]
   batched dots (16 rows: the tensor-core minimum; G = 4 real rows for Llama-3-8B). Default HB = 1,
-  tiles of 128 tokens; HB > 1 reads HB * 256 contiguous bytes per token row instead of 256 B.
+  tiles of 128 tokens; HB > 1 reads HB * D * 2 contiguous bytes of a token row instead of D * 2.
 * An item fully inside one program's range is written normalized to `out`. An item cut by a range
   boundary leaves unnormalized partials (acc, m, l): the program where it starts ("owner") writes slot
   1, each later program covering it writes slot 0; a second small kernel (grid P x HB) merges them.
@@ -39,10 +38,10 @@ _MERGE_PROGRAMS = 16  # partials combined per vector step of the merge kernel
 
 @dataclasses.dataclass(frozen=True)
 class PersistentDecodeConfig:
-    """tile_n: tokens per tile. heads_per_item: KV heads per work item (None = all KV heads, at most
-    8; must divide the KV head count). Shared memory per stage = K + V + Q tiles
-    = (2 * tile_n + 16) * heads * D * elem_size; num_stages - 1 stages are allocated (227 KB per SM
-    on sm_90), plus HB x 16 x D fp32 for the epilogue."""
+    """tile_n: tokens per tile. heads_per_item (HB): KV heads per work item (None = all KV heads, at
+    most 8; must divide the KV head count). Shared memory: num_stages - 1 buffers of K + V + Q tiles,
+    (2 * tile_n + 16) * HB * D * elem_size each, plus HB * 16 * D * 4 for the epilogue; sm_90 has
+    227 KB per SM, so at D=128 bf16 HB=8 does not fit with two buffers (use HB <= 4)."""
 
     tile_n: int = 128
     heads_per_item: int | None = 1
@@ -60,9 +59,9 @@ class PersistentDecodeConfig:
                 f"st={self.num_stages}")
 
 
-# Candidates for the H200 sweep (benchmarks/overlap_gpu.py), bf16 D=128 Hk=8. Shared memory and
-# registers from compiling for sm_90 (triton 3.9): 212 KB / 155 regs, 188 KB / 177, 192 KB / 222,
-# 212 KB / 106, 188 KB / 197.
+# Candidates for the H200 sweep (benchmarks/overlap_gpu.py), bf16 D=128 Hk=8. Shared memory /
+# registers per thread from compiling for sm_90 with triton 3.9 (no spills): 212 KB / 155,
+# 188 KB / 175, 192 KB / 218, 212 KB / 110, 188 KB / 197 (the limit is 227 KB).
 CONFIGS = (
     PersistentDecodeConfig(tile_n=128, heads_per_item=1, num_warps=8, num_stages=4),  # 64 KB x 3
     PersistentDecodeConfig(tile_n=64, heads_per_item=1, num_warps=8, num_stages=6),   # 32 KB x 5
@@ -133,7 +132,9 @@ def _range_of(pid, num_programs, total):
     return start, end
 
 
-@triton.jit
+# The batch size and row-sliced metadata pointers change every step: no re-compiles for them.
+@triton.jit(do_not_specialize=["num_requests"],
+            do_not_specialize_on_alignment=["num_requests", "bt_ptr", "lens_ptr"])
 def _decode_persistent_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, pacc_ptr, pml_ptr, meta_ptr,
     scale_log2, num_requests,
@@ -153,7 +154,6 @@ def _decode_persistent_kernel(
     # [HB, BLOCK_H, BLOCK_D] query / output rows; [HB, TILE_N, BLOCK_D] K / V rows.
     hb3 = tl.arange(0, HB)[:, None, None]
     h3 = tl.arange(0, BLOCK_H)[None, :, None]
-    t3 = tl.arange(0, TILE_N)[None, :, None]
     d3 = tl.arange(0, BLOCK_D)[None, None, :]
     offs_t = tl.arange(0, TILE_N)
     row_mask = (h3 < GROUP) & (d3 < HEAD_DIM)
@@ -320,8 +320,9 @@ def paged_decode_attention(
     """q [R, Hq, D]; caches [num_blocks, block_size, Hk, D]; block_tables [R, max_blocks] int32;
     seq_lens [R] (context incl. the current token; 0 gives zeros). Returns [R, Hq, D].
 
-    num_programs: the grid of the main kernel (the SM budget); the merge kernel's grid is
-    num_programs x heads_per_item and its programs without a cut item exit at once.
+    num_programs: the grid of the main kernel (the SM budget; at most the SM count, since a program
+    takes a whole SM's shared memory and more would run in waves). The merge kernel's grid is
+    num_programs x heads_per_item; its programs without a cut item exit at once.
     config: tile / heads / warps / stages; None = default_config(...).
     """
     if num_programs < 1:

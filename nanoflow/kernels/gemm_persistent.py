@@ -94,7 +94,7 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # M = the nano-batch's token count: no re-compile per batch
 def _gemm_tma_kernel(
     a_desc, b_desc, c_desc, bias_ptr, M, N, K,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -120,7 +120,7 @@ def _gemm_tma_kernel(
         c_desc.store([off_m, off_n], acc.to(OUT_DTYPE))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # M = the nano-batch's token count: no re-compile per batch
 def _gemm_ptr_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K,
     stride_am, stride_bn, stride_cm,
@@ -160,13 +160,21 @@ def _gemm_ptr_kernel(
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-def _use_tma(config: GemmConfig, device: torch.device) -> bool:
+def _tma_compatible(*tensors: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned base addresses and row strides."""
+    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
+
+
+def _use_tma(config: GemmConfig, *tensors: torch.Tensor) -> bool:
     if config.tma is not None:
         if config.tma and TensorDescriptor is None:
             raise ValueError("GemmConfig(tma=True) needs triton.tools.tensor_descriptor (triton >= 3.4)")
+        if config.tma and not _tma_compatible(*tensors):
+            raise ValueError("GemmConfig(tma=True) needs 16-byte aligned bases and row strides")
         return config.tma
+    device = tensors[0].device
     return (TensorDescriptor is not None and device.type == "cuda"
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+            and torch.cuda.get_device_capability(device)[0] >= 9 and _tma_compatible(*tensors))
 
 
 def persistent_matmul(
@@ -210,8 +218,7 @@ def persistent_matmul(
     meta = dict(HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 GROUP_M=cfg.group_m, DOT_PRECISION=precision, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages)
-    if _use_tma(cfg, a.device):
-        # TMA: 16-byte aligned bases and row strides (K and N multiples of 8 at bf16).
+    if _use_tma(cfg, a, b_t, out):
         a_desc = TensorDescriptor(a, [m, k], [a.stride(0), 1], [cfg.block_m, cfg.block_k])
         b_desc = TensorDescriptor(b_t, [n, k], [b_t.stride(0), 1], [cfg.block_n, cfg.block_k])
         c_desc = TensorDescriptor(out, [m, n], [out.stride(0), 1], [cfg.block_m, cfg.block_n])

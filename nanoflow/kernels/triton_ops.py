@@ -9,11 +9,23 @@ from __future__ import annotations
 import torch
 
 from nanoflow.kernels.activation import silu_and_mul
-from nanoflow.kernels.decode_attention import paged_decode_attention
+from nanoflow.kernels import decode_attention as _split_kv
+from nanoflow.kernels import decode_attention_persistent as _persistent
 from nanoflow.kernels.norm import fused_add_rms_norm, rms_norm
 from nanoflow.kernels.prefill_attention import paged_prefill_attention
 from nanoflow.kernels.rope import rope_and_cache_write
 
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, *, out=None,
+                           max_programs: int | None = None, **kwargs):
+    """Split-KV decode on the whole device; with an SM budget, the persistent stream-K kernel whose
+    grid is the budget (it keeps the pipeline full across requests on few SMs)."""
+    if max_programs is None:
+        return _split_kv.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                                out=out, **kwargs)
+    return _persistent.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                              num_programs=max_programs, out=out)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
