@@ -129,6 +129,13 @@ def test_every_plan_gives_the_sequential_tokens(ckpt, tmp_path):
         path = tmp_path / f"p{i}.json"
         path.write_text(json.dumps(two_stream_plan(cut_of, at, nano)))
         plans.append(str(path))
+    # Ops that write the same buffers (both norms write normed and residual) cut differently.
+    mixed = two_stream_plan("tokens", 0.3, 2)
+    mixed["ops"]["post_norm"]["cuts"] = [{"of": "tokens", "at": 0.6}]
+    mixed["ops"]["input_norm"]["cuts"] = [{"of": "tokens", "at": 0.2}, {"of": "tokens", "at": 0.7}]
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(mixed))
+    plans.append(str(path))
     for plan in plans:
         assert _greedy(ckpt, plan, prompts, 24) == reference, plan
     assert SEQUENTIAL.name == "sequential"

@@ -27,7 +27,18 @@ MIXED = "mixed"
 """Workload class used when the workload is not known in advance (serving)."""
 DEFAULT_MEMORY_BUDGETS = (16, 24, 32, 44, 56, 64)
 """SM budgets tried for the memory-stream op (decode attention); compute ops get the rest."""
-QUICK_MEMORY_BUDGETS = (24, 44, 64)
+QUICK_MEMORY_BUDGETS = (32, 44, 64)
+
+
+def progress_bar(iterable=None, *, desc: str, total: int | None = None, unit: str = "it", disable: bool = False):
+    """tqdm on stderr; refreshed at most every 10 s when stderr is not a terminal (a log file or a
+    captured run keeps a few lines per bar, not thousands of carriage-return updates)."""
+    import sys
+
+    from tqdm.auto import tqdm
+    tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, dynamic_ncols=True,
+                mininterval=0.2 if tty else 10.0, file=sys.stderr)
 
 
 # ---- workload classes ----------------------------------------------------------------------------
@@ -109,8 +120,10 @@ def workload_class_for(spec: str, token_budget: int, *, kv_capacity_tokens: int,
         chunk = min(512, max(1, num_prefill))
     else:
         running = min(max_num_seqs, int(admission_ratio * kv_capacity_tokens // max(1, n_in + n_out)))
+        budget_bound = running >= budget * n_out // (n_in + n_out)
         num_decode = max(1, min(running, budget * n_out // (n_in + n_out)))
-        num_prefill = max(0, min(budget - num_decode, round(num_decode * n_in / n_out)))
+        num_prefill = budget - num_decode if budget_bound else \
+            max(0, min(budget - num_decode, round(num_decode * n_in / n_out)))
         ctx = context or (n_in + n_out // 2)
         chunk = max(1, min(n_in, num_prefill or n_in))
     ctx = max(2, min(ctx, max_model_len - 1))
@@ -282,7 +295,9 @@ class ProfileTable:
         table = self.alone.get(op)
         if not table:
             raise KeyError(f"op {op!r} was not profiled")
-        series = table.get(budget_key(budget)) or table["full"]
+        series = table.get(budget_key(budget)) or table.get("full") or {}
+        if not series:  # the op's region (decode / prefill rows) is empty in the profiled batch
+            return 0.0
         pts = sorted((int(k), v) for k, v in series.items())
         sizes = [p[0] for p in pts]
         if rows <= sizes[0]:
@@ -302,31 +317,36 @@ class ProfileTable:
         if not recs:
             return None
         iota = statistics.median(r["side_ms"] / r["side_alone_ms"] for r in recs if r["side_alone_ms"] > 0)
-        weights = {r["comp_op"]: self.op_time(r["comp_op"], self.num_tokens) for r in recs}
+        weights = {r["comp_op"]: self.op_time(r["comp_op"], self._full_rows(self.op(r["comp_op"]))) for r in recs}
         total = sum(weights.values()) or 1.0
         phi = sum(weights[r["comp_op"]] * _phi(r) for r in recs) / total
         return max(1.0, iota), min(max(phi, 0.0), 1.0)
 
     def summary(self) -> str:
         lines = [f"profile: {self.device} ({self.num_sms or '-'} SMs), torch {self.torch_version}, "
-                 f"triton {self.triton_version or '-'}, {self.model.get('architecture')} h={self.model.get('hidden_size')}"
-                 f" ffn={self.model.get('intermediate_size')}, {self.dtype}, token budget {self.dense_batch}",
+                 f"triton {self.triton_version or '-'}, {self.model.get('architecture')} hidden "
+                 f"{self.model.get('hidden_size')} ffn {self.model.get('intermediate_size')}, {self.dtype}, "
+                 f"token budget {self.dense_batch}, {self.timing}, {self.seconds:.1f} s",
                  f"batch: {WorkloadClass.from_dict(self.workload).describe()}",
-                 f"{'op':<16}{'full batch ms':>14}" + "".join(f"{'@' + str(b):>9}" for b in self.compute_budgets)]
+                 f"{'op (whole batch)':<18}{'class':>8}{'rows':>6}{'ms, all SMs':>12}   ms at an SM budget"]
+        total = 0.0
         for o in self.ops:
             rows = self._full_rows(o)
-            row = f"{o['name']:<16}{self.op_time(o['name'], rows):>14.4f}"
-            budgets = self.memory_budgets if o["name"] in self.side_ops() else self.compute_budgets
-            for b in budgets:
-                row += f"{self.op_time(o['name'], rows, b):>9.4f}" if self.has_budget(o["name"], b) else f"{'-':>9}"
-            if o["name"] in self.side_ops():
-                row += "   (memory budgets " + ",".join(map(str, self.memory_budgets)) + ")"
-            lines.append(row)
+            full = self.op_time(o["name"], rows)
+            total += full
+            side = o["name"] in self.side_ops()
+            budgets = self.memory_budgets if side else self.compute_budgets if o["resource"] == "compute" else []
+            cells = "  ".join(f"{b}:{self.op_time(o['name'], rows, b):.4f}" for b in budgets
+                              if self.has_budget(o["name"], b))
+            lines.append(f"{o['name']:<18}{o['resource']:>8}{rows:>6}{full:>12.4f}   {cells}")
+        lines.append(f"{'layer, sequential':<32}{total:>12.4f}")
         for mode in ("free", "shared"):
             for b in [None, *self.memory_budgets]:
                 f = self.interference_factors(mode, b)
                 if f:
-                    lines.append(f"interference {mode:<6} memory@{budget_key(b):<5} iota {f[0]:.2f}  phi {f[1]:.2f}")
+                    lines.append(f"interference {mode:<6} memory op on {budget_key(b):>4} SMs: it takes {f[0]:.2f}x "
+                                 f"its alone time; compute stream loses {f[1]:.2f} ms per ms of overlap")
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     def side_ops(self) -> list[str]:
@@ -337,9 +357,11 @@ class ProfileTable:
 
 
 def _phi(r: dict) -> float:
-    if r["side_ms"] <= 0:
+    """Compute-stream progress lost per ms of overlap with the memory op."""
+    window = min(r["side_ms"], r["comp_ms"])
+    if window <= 0:
         return 0.0
-    return (r["comp_ms"] - r["comp_reps"] * r["comp_alone_ms"]) / r["side_ms"]
+    return (r["comp_ms"] - r["comp_reps"] * r["comp_alone_ms"]) / window
 
 
 def is_side_op(o: dict) -> bool:
@@ -468,8 +490,6 @@ def profile_engine(engine, wl: WorkloadClass, *, quick: bool = False, memory_bud
     compute ops (GEMMs, prefill attention) on token-row sizes x ({full} + num_sms - memory budget);
     other ops (norms, rope, activation) at full device. Essential entries (full device) are timed
     first; past max_seconds the remaining budgets are skipped (the search then does not use them)."""
-    from tqdm.auto import tqdm
-
     from nanoflow.models.llama import StepState
 
     t_start = time.perf_counter()
@@ -482,7 +502,7 @@ def profile_engine(engine, wl: WorkloadClass, *, quick: bool = False, memory_bud
     compute_budgets = [num_sms - b for b in memory_budgets] if cuda else []
     reps = reps or (3 if quick or not cuda else 5)
     step = step or (256 if quick else 128)
-    max_seconds = max_seconds if max_seconds is not None else (100.0 if quick else 200.0)
+    max_seconds = max_seconds if max_seconds is not None else (90.0 if quick else 200.0)
     timer = _Timer(device, reps, warmup=2 if cuda else 1)
     layer_ops = engine.model.layers[0].ops
     metas = [op_meta(op) for op in layer_ops]
@@ -516,13 +536,25 @@ def profile_engine(engine, wl: WorkloadClass, *, quick: bool = False, memory_bud
             log(f"[tune] profiling {len(tasks)} op timings on {table.device} "
                 f"({T} tokens: {D} decode + {T - D} prefill; {reps} reps each)")
             skipped = 0
-            bar = tqdm(tasks, desc="profile ops", unit="op", disable=not progress, dynamic_ncols=True)
+            failed: set[tuple[str, int | None]] = set()
+            bar = progress_bar(tasks, desc="profile ops", unit="op", disable=not progress)
             for essential, op, budget, lo, hi in bar:
+                if (op.name, budget) in failed:
+                    continue
                 if not essential and time.perf_counter() - t_start > max_seconds:
                     skipped += 1
                     continue
                 bar.set_postfix_str(f"{op.name}@{budget_key(budget)}", refresh=False)
-                ms = timer.time(call(op, lo, hi, budget))
+                try:
+                    ms = timer.time(call(op, lo, hi, budget))
+                except Exception as exc:  # noqa: BLE001 - a budget the kernels refuse: drop that budget
+                    if essential:
+                        raise
+                    failed.add((op.name, budget))
+                    table.alone.get(op.name, {}).pop(budget_key(budget), None)
+                    notes.append(f"{op.name} at {budget} SMs failed ({type(exc).__name__}: {exc})"[:300])
+                    log(f"[tune] warning: {notes[-1]}")
+                    continue
                 table.alone.setdefault(op.name, {}).setdefault(budget_key(budget), {})[str(hi - lo)] = ms
             bar.close()
             if skipped:
@@ -531,7 +563,7 @@ def profile_engine(engine, wl: WorkloadClass, *, quick: bool = False, memory_bud
             _drop_incomplete_budgets(table, layer_ops, tok_sizes, dec_sizes, notes)
             if cuda and interference and D > 0:
                 _profile_interference(table, layer_ops, metas, call, timer, T, D, reps, progress,
-                                      t_start, max_seconds + 60.0, log)
+                                      t_start, max_seconds + (30.0 if quick else 60.0), log)
             elif not cuda:
                 notes.append("interference not measured (no CUDA streams on CPU)")
             state.sm_budget = None
@@ -596,8 +628,6 @@ def _drop_incomplete_budgets(table: ProfileTable, layer_ops, tok_sizes, dec_size
 
 def _profile_interference(table: ProfileTable, layer_ops, metas, call, timer: _Timer, T: int, D: int,
                           reps: int, progress: bool, t_start: float, max_seconds: float, log) -> None:
-    from tqdm.auto import tqdm
-
     device = timer.device
     side_stream = torch.cuda.Stream(device=device, priority=-1)
     comp_stream = torch.cuda.Stream(device=device, priority=0)
@@ -613,7 +643,7 @@ def _profile_interference(table: ProfileTable, layer_ops, metas, call, timer: _T
                 if b is not None and m["resource"] == "compute":
                     tasks.append((side, b, comp, m, "shared", c_budget))
     log(f"[tune] measuring interference: {len(tasks)} pairs (memory op first on a high-priority stream)")
-    bar = tqdm(tasks, desc="interference", unit="pair", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(tasks, desc="interference", unit="pair", disable=not progress)
     skipped = 0
     for side, b, comp, m, mode, c_budget in bar:
         if time.perf_counter() - t_start > max_seconds:
@@ -621,12 +651,21 @@ def _profile_interference(table: ProfileTable, layer_ops, metas, call, timer: _T
             continue
         bar.set_postfix_str(f"{side.name}@{budget_key(b)} + {comp.name} ({mode})", refresh=False)
         lo, hi = (D, T) if m["scope"] == "prefill" else (0, T)
+        if (b is not None and b not in table.memory_budgets) or \
+                (c_budget is not None and not table.has_budget(comp.name, c_budget)):
+            continue  # a budget dropped above
         side_fn = call(side, 0, D, b)
         comp_fn = call(comp, lo, hi, c_budget)
-        side_alone = timer.time(side_fn)
-        comp_alone = timer.time(comp_fn)
-        comp_reps = max(1, min(256, math.ceil(1.3 * side_alone / max(comp_alone, 1e-4))))
-        side_ms, comp_ms = timer.time_pair(side_fn, comp_fn, comp_reps, side_stream, comp_stream, max(2, reps - 2))
+        try:
+            side_alone = timer.time(side_fn)
+            comp_alone = timer.time(comp_fn)
+            comp_reps = max(1, min(256, math.ceil(2.0 * side_alone / max(comp_alone, 1e-4))))
+            side_ms, comp_ms = timer.time_pair(side_fn, comp_fn, comp_reps, side_stream, comp_stream,
+                                               max(2, reps - 2))
+        except Exception as exc:  # noqa: BLE001
+            table.notes.append(f"interference {side.name}@{b} + {comp.name}: {type(exc).__name__}: {exc}"[:300])
+            log(f"[tune] warning: {table.notes[-1]}")
+            continue
         table.interference.append({
             "side_op": side.name, "side_budget": b, "comp_op": comp.name, "mode": mode, "comp_budget": c_budget,
             "comp_reps": comp_reps, "side_rows": D, "comp_rows": hi - lo, "side_alone_ms": side_alone,

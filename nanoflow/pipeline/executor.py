@@ -68,44 +68,54 @@ def expected_producers(ops: list[Op]) -> dict[tuple[int, str], list[tuple[int, i
 
 
 class _Hazards:
-    """Per buffer: nano-ops that last wrote / read which rows. Also checks that every read sees the
-    data flow of the model (a plan whose order reads rows before they are produced is rejected)."""
+    """Per buffer: which nano-op last wrote, and which read since, each row range (disjoint segments:
+    a later writer trims what it overwrote). Also checks that every read sees the model's data flow
+    (a plan whose order reads rows before they are produced is rejected)."""
 
     def __init__(self, op_index: dict[str, int], producers: dict[tuple[int, str], list[tuple[int, int]]]):
         self.op_index = op_index
         self.producers = producers
-        self.writers: dict[str, list[NanoOp]] = {}
-        self.readers: dict[str, list[NanoOp]] = {}
+        self.writers: dict[str, list[tuple[int, int, NanoOp]]] = {}
+        self.readers: dict[str, list[tuple[int, int, NanoOp]]] = {}
 
     def add(self, node: NanoOp) -> None:
         lo, hi = node.lo, node.hi
-        overlaps = lambda n: n.lo < hi and lo < n.hi  # noqa: E731
         deps = set()
         j = self.op_index[node.op.name]
         for buf in node.op.reads:
-            sources = [n for n in self.writers.get(buf, ()) if overlaps(n)]
+            sources = [(a, b, n) for a, b, n in self.writers.get(buf, ()) if a < hi and lo < b]
             self._check_source(node, j, buf, sources)
-            deps.update(sources)
+            deps.update(n for _, _, n in sources)
         for buf in node.op.writes:
-            deps.update(n for n in self.writers.get(buf, ()) if overlaps(n))
-            deps.update(n for n in self.readers.get(buf, ()) if overlaps(n))
+            deps.update(n for a, b, n in self.writers.get(buf, ()) if a < hi and lo < b)
+            deps.update(n for a, b, n in self.readers.get(buf, ()) if a < hi and lo < b)
         for buf in node.op.reads:
-            self.readers.setdefault(buf, []).append(node)
-        covered = lambda n: lo <= n.lo and n.hi <= hi  # noqa: E731 - now implied through node
-        for buf in node.op.writes:
-            self.writers[buf] = [n for n in self.writers.get(buf, ()) if not covered(n)] + [node]
-            self.readers[buf] = [n for n in self.readers.get(buf, ()) if n is node or not covered(n)]
+            self.readers.setdefault(buf, []).append((lo, hi, node))
+        for buf in node.op.writes:  # what this node overwrote is now reached through it
+            self.writers[buf] = _trim(self.writers.get(buf, []), lo, hi) + [(lo, hi, node)]
+            self.readers[buf] = _trim(self.readers.get(buf, []), lo, hi)
         deps.discard(node)
         node.deps = sorted(deps, key=lambda n: n.index)
 
-    def _check_source(self, node: NanoOp, j: int, buf: str, sources: list[NanoOp]) -> None:
+    def _check_source(self, node: NanoOp, j: int, buf: str, sources) -> None:
         expected = {(i, node.layer + delta) for i, delta in self.producers[(j, buf)] if node.layer + delta >= 0}
-        got = {(self.op_index[n.op.name], n.layer) for n in sources}
-        covered = sum(min(n.hi, node.hi) - max(n.lo, node.lo) for n in sources)
+        got = {(self.op_index[n.op.name], n.layer) for _, _, n in sources}
+        covered = sum(min(b, node.hi) - max(a, node.lo) for a, b, _ in sources)
         if not got <= expected or (expected and covered != node.hi - node.lo):
             raise ValueError(
                 f"plan order issues {node.op.name} (layer {node.layer}, rows {node.lo}:{node.hi}) before "
                 f"all of its input {buf!r} is produced by this step")
+
+
+def _trim(segments: list[tuple[int, int, NanoOp]], lo: int, hi: int) -> list[tuple[int, int, NanoOp]]:
+    """The parts of the segments outside lo:hi."""
+    out = []
+    for a, b, n in segments:
+        if a < lo:
+            out.append((a, min(b, lo), n))
+        if b > hi:
+            out.append((max(a, hi), b, n))
+    return out
 
 
 class PlanExecutor:

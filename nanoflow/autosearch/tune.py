@@ -1,0 +1,296 @@
+"""`nanoflow tune --model M`: profile the layer's ops on this device, search pipeline plans with the
+MILP (stage 1, then SM shares + interference in stage 2), run the best few for real on the same
+synthetic dense batch, and cache the fastest (never one slower than sequential) for `--plan auto`.
+
+    nanoflow tune --model llama-3-8b --quick           # ~2-3 minutes on an H200
+    nanoflow tune --model llama-3-8b --workload splitwise --output plan.json --gantt plan.png
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from nanoflow.entrypoints.cli import add_engine_args
+    t = parser.add_argument_group("tune")
+    t.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (only 1 is supported now)")
+    t.add_argument("--workload", default="constant:512:1024",
+                   help="workload whose steady-state dense batch to tune for: constant:IN:OUT, splitwise, lmsys, "
+                        "sharegpt, a PATH.csv, or 'mixed' (half decode; what serving looks up by default)")
+    t.add_argument("--trace-dir", default=None, help="folder of the trace CSVs (for trace workloads)")
+    t.add_argument("--decode-fraction", type=float, default=None,
+                   help="override: share of decode rows in a batch filled to the token budget")
+    t.add_argument("--context", type=int, default=None, help="override: mean context of decode requests")
+    t.add_argument("--top-k", type=int, default=3, help="plans to validate by running them (default 3)")
+    t.add_argument("--quick", action="store_true",
+                   help="fewer sizes (multiples of 256), 3 memory SM budgets, fewer reps: ~2x faster")
+    t.add_argument("--budgets", default=None,
+                   help="memory-stream SM budgets to profile, e.g. 16,24,32,44 (default 16,24,32,44,56,64; "
+                        "quick 32,44,64); compute ops get the rest of the SMs")
+    t.add_argument("--max-profile-seconds", type=float, default=None,
+                   help="stop timing SM budgets after this long (default 200, quick 90)")
+    t.add_argument("--milp-time-limit", type=float, default=None, help="seconds per MILP (default 10, quick 5)")
+    t.add_argument("--reps", type=int, default=None, help="timed steps per plan and round (default 5, quick 3)")
+    t.add_argument("--profile-json", default=None,
+                   help="reuse this stored profile (skip profiling); written there when it does not exist")
+    t.add_argument("--output", default=None, help="also write the chosen plan's JSON to this file")
+    t.add_argument("--gantt", default=None,
+                   help="draw the chosen plan: measured timeline to this PNG, MILP schedule to *-predicted.png")
+    t.add_argument("--no-store", action="store_true", help="do not write the plan cache")
+    t.add_argument("--no-hand-plans", action="store_true",
+                   help="do not time the built-in hand plans (overlap-2, nano-4) for reference")
+    t.add_argument("--cache-dir", default=None, help="plan cache folder (default $NANOFLOW_CACHE_DIR or "
+                                                     "~/.cache/nanoflow/plans)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_engine_args(parser, skip=("plan",))
+    return parser
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    if args.tp != 1:
+        print(f"error: --tp {args.tp}: tuning supports only --tp 1 for now (tensor-parallel plans need "
+              f"collectives on a network stream, not written yet)", file=sys.stderr)
+        return 2
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+    return _tune(args)
+
+
+# ---- step timing ---------------------------------------------------------------------------------
+def time_plans(engine, batch, plans: list, *, reps: int = 5, rounds: int = 2, warmup: int = 2,
+               progress: bool = True) -> list[float]:
+    """Median ms per whole step (embed, every layer under the plan, logits) of each plan on `batch`:
+    plans timed round-robin (`rounds` rounds of `reps` consecutive steps), CUDA events on GPU."""
+    import torch
+
+    from nanoflow.autosearch.profile import progress_bar
+    from nanoflow.pipeline.executor import make_executor
+    runner = engine.runner
+    cuda = engine.device.type == "cuda"
+    old = runner.executor
+    executors = [make_executor(p, engine.model.layers[0].ops, engine.device) for p in plans]
+    samples: list[list[float]] = [[] for _ in plans]
+    failed: dict[int, str] = {}
+    bar = progress_bar(total=len(plans) * rounds, desc="validate plans", unit="plan", disable=not progress)
+    try:
+        for r in range(rounds):
+            for i, ex in enumerate(executors):
+                if i in failed:
+                    continue
+                runner.executor = ex
+                try:
+                    for _ in range(warmup if r == 0 else 1):
+                        runner.forward(batch)
+                except Exception as exc:  # noqa: BLE001 - a plan that cannot run is reported, not fatal
+                    if i == 0:
+                        raise
+                    failed[i] = f"{type(exc).__name__}: {exc}"
+                    print(f"[tune] warning: plan {plans[i].name} failed to run: {failed[i][:300]}")
+                    continue
+                if cuda:
+                    torch.cuda.synchronize(engine.device)
+                    ev = [torch.cuda.Event(enable_timing=True) for _ in range(reps + 1)]
+                    ev[0].record()
+                    for k in range(reps):
+                        runner.forward(batch)
+                        ev[k + 1].record()
+                    torch.cuda.synchronize(engine.device)
+                    samples[i] += [ev[k].elapsed_time(ev[k + 1]) for k in range(reps)]
+                else:
+                    for _ in range(reps):
+                        t0 = time.perf_counter()
+                        runner.forward(batch)
+                        samples[i].append((time.perf_counter() - t0) * 1e3)
+                bar.update(1)
+    finally:
+        runner.executor = old
+        bar.close()
+    return [statistics.median(s) if s else float("inf") for s in samples]
+
+
+# ---- the command ---------------------------------------------------------------------------------
+def _tune(args: argparse.Namespace) -> int:
+    from nanoflow.autosearch import cache
+    from nanoflow.autosearch.milp import pick_for_validation, search
+    from nanoflow.autosearch.profile import (MIXED, ProfileTable, dense_batch, profile_engine,
+                                             workload_class_for_engine)
+    from nanoflow.engine.engine import LLMEngine
+    from nanoflow.entrypoints.cli import engine_config_from_args
+    from nanoflow.pipeline.plan import SEQUENTIAL, load_plan
+
+    progress = not args.no_progress
+    phases: dict[str, float] = {}
+    t_all = time.perf_counter()
+    config = engine_config_from_args(args).replace(plan="sequential")
+    print(f"[tune] building the engine: {config.model} (load format {config.load_format})", flush=True)
+    t = time.perf_counter()
+    engine = LLMEngine(config, stream_text=False)
+    phases["engine"] = time.perf_counter() - t
+    wl = workload_class_for_engine(engine, args.workload, decode_fraction=args.decode_fraction,
+                                   context=args.context, trace_dir=args.trace_dir)
+    key = cache.engine_key(engine, wl.name, tp=args.tp)
+    print(f"[tune] {key.device}, {key.dtype}, token budget {key.dense_batch}; workload {args.workload} -> {wl.describe()}",
+          flush=True)
+
+    # 1. profile
+    t = time.perf_counter()
+    table = None
+    if args.profile_json and Path(args.profile_json).is_file():
+        table = ProfileTable.load(args.profile_json)
+        problems = _profile_mismatch(table, engine, key, wl)
+        if problems:
+            print(f"[tune] warning: {args.profile_json} was measured elsewhere ({'; '.join(problems)})")
+        wl = table.workload_class  # validate on the batch the profile describes
+        key = key.with_class(wl.name)
+        print(f"[tune] reusing profile {args.profile_json} ({wl.describe()})")
+    else:
+        budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else None
+        table = profile_engine(engine, wl, quick=args.quick, memory_budgets=budgets,
+                               max_seconds=args.max_profile_seconds, progress=progress)
+        profile_path = Path(args.profile_json) if args.profile_json else \
+            cache.cache_dir(args.cache_dir).parent / "profiles" / key.filename()
+        table.save(profile_path)
+        print(f"[tune] profile ({table.seconds:.1f} s) saved to {profile_path}")
+    phases["profile"] = time.perf_counter() - t
+    print(table.summary())
+
+    # 2. search
+    t = time.perf_counter()
+    time_limit = args.milp_time_limit or (5.0 if args.quick else 10.0)
+    cands = search(table, time_limit=time_limit, max_seconds=40.0 if args.quick else 120.0, log=print,
+                   progress=progress)
+    phases["search"] = time.perf_counter() - t
+    seq_cand = next(c for c in cands if c.mode == "sequential")
+    chosen = pick_for_validation(cands, args.top_k)
+    print(f"[tune] search: {len(cands)} distinct plans in {phases['search']:.1f} s; validating "
+          f"{len(chosen)} + sequential" + ("" if args.no_hand_plans else " + hand plans"))
+
+    # 3. validate for real
+    t = time.perf_counter()
+    hand_names = [] if args.no_hand_plans else _hand_plans(engine)
+    plans = [SEQUENTIAL] + [c.plan for c in chosen] + [load_plan(n) for n in hand_names]
+    reps = args.reps or (3 if args.quick else 5)
+    with dense_batch(engine, wl) as batch:
+        measured = time_plans(engine, batch, plans, reps=reps, rounds=1 if args.quick else 2, progress=progress)
+    phases["validate"] = time.perf_counter() - t
+    seq_ms = measured[0]
+    auto = list(zip(chosen, measured[1:1 + len(chosen)]))
+    hand = list(zip(hand_names, measured[1 + len(chosen):]))
+    best, best_ms = min(auto, key=lambda p: p[1]) if auto else (seq_cand, seq_ms)
+    if best_ms >= seq_ms:
+        winner, winner_ms, why = seq_cand, seq_ms, "no candidate beat sequential: storing sequential"
+    else:
+        winner, winner_ms, why = best, best_ms, f"{best.name} is {seq_ms / best_ms:.3f}x sequential"
+
+    # 4. summary, cache, outputs
+    _print_summary(seq_cand, seq_ms, auto, hand, winner)
+    print(f"[tune] {why}")
+    best_hand = min(hand, key=lambda p: p[1]) if hand else None
+    if best_hand and best_hand[1] < winner_ms * 0.97:
+        print(f"[tune] note: hand plan {best_hand[0]} measured {winner_ms / best_hand[1]:.3f}x faster than "
+              f"the auto plan (the search model misses something; see the profile summary)")
+    plan = winner.plan
+    if winner is not seq_cand:
+        from nanoflow.pipeline.plan import Plan
+        plan = Plan(f"{winner.name}@{wl.name}", plan.streams, plan.ops, plan.order)
+    meta = {"workload": args.workload, "workload_class": wl.to_dict(), "model": config.model,
+            "candidate": winner.name, "structure": winner.structure, "mode": winner.mode,
+            "memory_sm_budget": winner.side_budget, "cuts_rows": list(winner.cuts),
+            "predicted_ms_per_layer": winner.predicted_ms, "simulated_ms_per_layer": winner.simulated_ms,
+            "measured_ms_per_step": winner_ms, "sequential_ms_per_step": seq_ms,
+            "hand_plans_ms_per_step": dict(hand), "profile_device": table.device,
+            "torch": table.torch_version, "triton": table.triton_version}
+    if not args.no_store:
+        path = cache.store_plan(plan, key, meta, args.cache_dir)
+        print(f"[tune] cached {plan.name} for class {wl.name!r}: {path}")
+        if wl.name != MIXED:
+            mixed = cache.choose_entry(cache.entries_for(key, args.cache_dir), MIXED)
+            if mixed is None or mixed["key"]["workload_class"] != MIXED or mixed.get("meta", {}).get("copied_from"):
+                path = cache.store_plan(plan, key.with_class(MIXED), {**meta, "copied_from": wl.name}, args.cache_dir)
+                print(f"[tune] also cached as the default ('mixed') plan for serving: {path}")
+    if args.output:
+        plan.save(args.output)
+        print(f"[tune] wrote {args.output}")
+    if args.gantt:
+        _draw(engine, wl, winner, table, args.gantt)
+    phases["total"] = time.perf_counter() - t_all
+    print("[tune] time: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
+    return 0
+
+
+def _hand_plans(engine) -> list[str]:
+    from nanoflow.pipeline.plan import load_plan
+    names = []
+    folder = Path(__file__).resolve().parent.parent / "pipeline" / "plans"
+    for p in sorted(folder.glob("*.json")):
+        try:
+            plan = load_plan(p.stem)
+            plan.validate([op.name for op in engine.model.layers[0].ops])
+            names.append(p.stem)
+        except ValueError:
+            continue
+    return names
+
+
+def _profile_mismatch(table, engine, key, wl) -> list[str]:
+    from nanoflow.autosearch.cache import model_shape_hash
+    out = []
+    if table.device != key.device:
+        out.append(f"device {table.device} != {key.device}")
+    if model_shape_hash(table.model) != key.model_hash:
+        out.append("another model shape")
+    if table.dense_batch != key.dense_batch:
+        out.append(f"token budget {table.dense_batch} != {key.dense_batch}")
+    if table.workload.get("name") != wl.name:
+        out.append(f"workload class {table.workload.get('name')} != {wl.name}")
+    return out
+
+
+def _print_summary(seq, seq_ms, auto, hand, winner) -> None:
+    header = (f"{'candidate':<30}{'structure':>10}{'mode':>8}{'mem SMs':>8}{'MILP ms/layer':>15}"
+              f"{'sim ms/layer':>14}{'pred vs seq':>12}{'ms/step':>10}{'vs seq':>9}")
+    print("\n" + header)
+    print("-" * len(header))
+
+    def row(name, structure, mode, budget, pred, sim, ms, mark=""):
+        pred_s = f"{pred:.4f}" if pred is not None else "-"
+        sim_s = f"{sim:.4f}" if sim is not None else "-"
+        ratio = f"{seq.simulated_ms / sim:.3f}x" if sim else "-"
+        print(f"{(mark + name)[:30]:<30}{structure:>10}{mode:>8}{budget:>8}{pred_s:>15}{sim_s:>14}{ratio:>12}"
+              f"{ms:>10.3f}{seq_ms / ms:>8.3f}x")
+
+    row("sequential", "1", "-", "-", seq.predicted_ms, seq.simulated_ms, seq_ms, "* " if winner is seq else "  ")
+    for c, ms in auto:
+        row(c.name, c.structure, c.mode, str(c.side_budget or "all"), c.predicted_ms, c.simulated_ms, ms,
+            "* " if c is winner else "  ")
+    for name, ms in hand:
+        row(f"hand: {name}", "-", "-", "-", None, None, ms, "  ")
+    print("(* = stored; MILP/sim: modelled ms per layer from the profile; ms/step: measured whole step; "
+          "vs seq: speed-up over sequential)\n")
+
+
+def _draw(engine, wl, winner, table, out: str) -> None:
+    from nanoflow.pipeline.show import draw_timeline, record_timeline
+    entries = record_timeline(engine, wl, warmup=1, plan=winner.plan)
+    path, stats = draw_timeline(entries, out, title=f"{winner.name} (measured), {wl.describe()}")
+    print(f"[tune] measured timeline: {path} (layer {stats['layer']}, {stats['span_ms']:.3f} ms, "
+          f"overlapped {stats['overlap_ms']:.3f} ms)")
+    if winner.schedule:
+        p = Path(out)
+        pred = p.with_name(p.stem + "-predicted" + p.suffix)
+        path, _ = draw_timeline(winner.schedule, pred, slot_view=True,
+                                title=f"{winner.name} (MILP schedule, {winner.predicted_ms:.3f} ms/layer)")
+        print(f"[tune] predicted schedule: {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_cli_args(argparse.ArgumentParser(prog="nanoflow tune", description=__doc__))
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
