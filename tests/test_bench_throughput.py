@@ -135,7 +135,7 @@ def test_hf_baseline_model_holds_the_engine_weights():
     import torch
 
     from nanoflow import LLM, SamplingParams
-    from nanoflow.bench.throughput import build_hf_model
+    from nanoflow.bench.hf_baseline import build_hf_model
     from nanoflow.bench.workloads import parse_workload, sample_requests
 
     llm = LLM(model="default", device="cpu", dtype="float32")

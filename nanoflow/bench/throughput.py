@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import platform
 import shlex
@@ -21,6 +20,8 @@ from pathlib import Path
 import torch
 
 from nanoflow.bench.gemm_peak import GemmPeak, device_name, measure_gemm_peak
+from nanoflow.bench.hf_baseline import empty_cache, run_hf_baseline, synchronize
+from nanoflow.bench.step_stats import StepStats, step_statistics
 from nanoflow.bench.workloads import BenchRequest, Workload, parse_workload, sample_requests
 from nanoflow.config import EngineConfig
 
@@ -28,65 +29,6 @@ WARMUP_MAX_OUTPUT_TOKENS = 64
 """Warm-up requests generate at most this many tokens (enough to exercise prefill and decode)."""
 WARMUP_SEED_OFFSET = 1_000_003
 """Warm-up prompts use seed + this, so they differ from the timed ones."""
-STEADY_MIDDLE_FRACTION = 0.8
-"""The steady-state figure counts the steps in this middle fraction of the timed run's span."""
-HF_WARMUP_NEW_TOKENS = 8
-"""The transformers baseline warms up with one untimed generate of its first batch and this many tokens."""
-
-# ---- per-step statistics --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StepStats:
-    """Figures from the engine's step log ((start_s, end_s, num_tokens) per step) of one timed run."""
-
-    num_steps: int
-    """Steps in the run."""
-    span_s: float
-    """First step's start to last step's end."""
-    busy_s: float
-    """Sum of the steps' own durations."""
-    gap_s: float
-    """Sum of the time between one step's end and the next one's start (scheduling, output handling):
-    the GPU idles then unless the engine overlaps host work with device work."""
-    gap_fraction: float
-    """gap_s / span_s."""
-    mean_tokens_per_step: float
-    """Dense-batch tokens per step, averaged."""
-    steady_steps: int
-    """Steps whose midpoint lies in the middle STEADY_MIDDLE_FRACTION of the span."""
-    steady_s: float
-    """First steady step's start to last steady step's end."""
-    steady_tokens: int
-    """Dense-batch tokens (prompt + decode) of the steady steps."""
-    steady_tokens_per_s: float | None
-    """steady_tokens / steady_s: the steady-state total tokens/s (None when no step is steady)."""
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def step_statistics(steps: list[tuple[float, float, int]],
-                    middle: float = STEADY_MIDDLE_FRACTION) -> StepStats | None:
-    """Summarises a step log; None for an empty one. `middle` is the steady fraction of the span."""
-    if not 0.0 < middle <= 1.0:
-        raise ValueError(f"middle must be in (0, 1], got {middle}")
-    if not steps:
-        return None
-    steps = sorted(steps)
-    start, end = steps[0][0], max(s[1] for s in steps)
-    span = end - start
-    gaps = sum(max(0.0, nxt[0] - cur[1]) for cur, nxt in zip(steps, steps[1:]))
-    margin = span * (1.0 - middle) / 2.0
-    lo, hi = start + margin, end - margin
-    steady = [s for s in steps if lo <= (s[0] + s[1]) / 2.0 <= hi]
-    steady_s = (max(s[1] for s in steady) - steady[0][0]) if steady else 0.0
-    steady_tokens = sum(int(s[2]) for s in steady)
-    return StepStats(
-        num_steps=len(steps), span_s=span, busy_s=sum(s[1] - s[0] for s in steps), gap_s=gaps,
-        gap_fraction=gaps / span if span > 0 else 0.0,
-        mean_tokens_per_step=sum(int(s[2]) for s in steps) / len(steps),
-        steady_steps=len(steady), steady_s=steady_s, steady_tokens=steady_tokens,
-        steady_tokens_per_s=steady_tokens / steady_s if steady_s > 0 else None)
-
 
 # EngineConfig fields with a dedicated benchmark flag (engine_args may not set them).
 _DEDICATED_ENGINE_FIELDS = ("model", "load_format", "dtype", "device", "seed", "max_model_len",
@@ -239,7 +181,7 @@ def run_throughput(**kwargs) -> dict:
             llm.set_plan(opts.compare)
         else:
             llm = None  # free the first engine before building the second
-            _empty_cache(device)
+            empty_cache(device)
             llm = _build_llm(opts, opts.compare)
         compared = _timed_run(llm, opts.compare, requests, warmup, opts, device)
         runs["compare"] = compared.metrics(num_params)
@@ -250,18 +192,18 @@ def run_throughput(**kwargs) -> dict:
     if opts.baseline == "hf":
         weights = {name: t.detach().to("cpu") for name, t in llm.engine.model.export_hf_state_dict().items()}
         llm = None  # the engine's KV cache must go before transformers' model and cache come
-        _empty_cache(device)
+        empty_cache(device)
         hf_requests = requests[:opts.hf_num_requests]
         baseline = run_hf_baseline(weights, model_config, device, dtype, hf_requests,
                                    opts.hf_batch_size, opts.temperature)
         del weights
-        _empty_cache(device)
+        empty_cache(device)
         baseline["ratio"] = runs["main"]["total_tokens_per_s"] / baseline["total_tokens_per_s"]
         baseline["ratio_means"] = (f"nanoflow total tokens/s ({len(requests)} requests) / transformers "
                                    f"total tokens/s (first {len(hf_requests)} requests): a ratio of rates")
         _print_run("transformers", baseline)
     llm = None
-    _empty_cache(device)
+    empty_cache(device)
 
     result = {
         "date": started.isoformat(timespec="seconds"),
@@ -348,10 +290,10 @@ def _timed_run(llm, plan: str, requests: list[BenchRequest], warmup: list[BenchR
     if device.type == "cuda":
         llm.engine.start_gpu_timeline()
     first_step = len(step_log) if step_log is not None else 0
-    _synchronize(device)
+    synchronize(device)
     t0 = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=opts.use_tqdm)
-    _synchronize(device)
+    synchronize(device)
     wall = time.perf_counter() - t0
     # step_times is append-only: this run's steps are the ones after the snapshot.
     steps = step_statistics(step_log[first_step:]) if step_log is not None else None
@@ -370,17 +312,6 @@ def _model_dtype_device(llm) -> tuple[torch.dtype, torch.device]:
     """The engine's weight dtype and device (what the HF baseline must use too)."""
     weight = llm.engine.model.embed_tokens
     return weight.dtype, weight.device
-
-
-def _empty_cache(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _version(module: str) -> str | None:
@@ -450,89 +381,6 @@ def format_table(result: dict) -> str:
         out.append(f"WARNING: generated {result['output_tokens']} output tokens, expected "
                    f"{result['expected_output_tokens']}")
     return "\n".join(out)
-
-
-# ---- transformers baseline -----------------------------------------------------------------------
-def run_hf_baseline(weights: dict[str, torch.Tensor], model_config, device: torch.device, dtype: torch.dtype,
-                    requests: list[BenchRequest], batch_size: int, temperature: float) -> dict:
-    """Times transformers' static batched `generate` on `requests` with the given (Hugging Face-named)
-    weights: batches of `batch_size` consecutive requests, left-padded, each batch generating exactly
-    the longest output length in it (min_new_tokens = max_new_tokens). A request's tokens past its own
-    output length are static batching's waste: they count in `generated_tokens`, not in the rates."""
-    import transformers
-
-    model = build_hf_model(weights, model_config, device, dtype)
-    eos = list(model_config.eos_token_ids)
-    pad = eos[0] if eos else 0
-    batches = [requests[i:i + batch_size] for i in range(0, len(requests), batch_size)]
-    with torch.inference_mode():
-        _hf_generate(model, batches[0], HF_WARMUP_NEW_TOKENS, temperature, pad, eos, device)
-        _synchronize(device)
-        t0 = time.perf_counter()
-        generated = [_hf_generate(model, b, max(r.output_len for r in b), temperature, pad, eos, device)
-                     for b in batches]
-        _synchronize(device)
-        wall = time.perf_counter() - t0
-    del model
-    _empty_cache(device)
-    input_tokens = sum(len(r.prompt_token_ids) for r in requests)
-    output_tokens = sum(r.output_len for r in requests)
-    exact = all(n == max(r.output_len for r in b) for n, b in zip(generated, batches))
-    return {
-        "system": "transformers",
-        "transformers_version": transformers.__version__,
-        "method": "static batched generate, left padding, min_new_tokens = max_new_tokens",
-        "batch_size": batch_size,
-        "requests": len(requests),
-        "input_tokens": input_tokens,
-        "output_tokens": output_tokens,
-        "generated_tokens": sum(n * len(b) for n, b in zip(generated, batches)),
-        "exact_output_lengths": exact,
-        "wall_s": wall,
-        "total_tokens_per_s": (input_tokens + output_tokens) / wall,
-        "output_tokens_per_s": output_tokens / wall,
-        "requests_per_s": len(requests) / wall,
-        "warmup": f"one untimed generate of the first batch with {HF_WARMUP_NEW_TOKENS} new tokens",
-        "same_weights": True,
-    }
-
-
-def build_hf_model(weights: dict[str, torch.Tensor], model_config, device: torch.device, dtype: torch.dtype):
-    """A transformers model of `model_config` holding exactly `weights` (RuntimeError if any is missing)."""
-    import transformers
-
-    hf = model_config.to_hf_dict()
-    config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
-    if getattr(config, "sliding_window", None) is not None:
-        config.sliding_window = None  # nanoflow attends to the whole context
-    with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.to(device=device, dtype=dtype)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise RuntimeError(f"transformers model does not match the exported weights: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
-    return model.eval()
-
-
-def _hf_generate(model, batch: list[BenchRequest], new_tokens: int, temperature: float, pad: int,
-                 eos: list[int], device: torch.device) -> int:
-    """One left-padded generate call; returns the number of tokens generated per row."""
-    import transformers
-
-    width = max(len(r.prompt_token_ids) for r in batch)
-    ids = torch.full((len(batch), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, r in enumerate(batch):
-        ids[row, width - len(r.prompt_token_ids):] = torch.tensor(r.prompt_token_ids, dtype=torch.long)
-        mask[row, width - len(r.prompt_token_ids):] = 1
-    sampling = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0) if temperature > 0 \
-        else dict(do_sample=False)
-    config = transformers.GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                           pad_token_id=pad, eos_token_id=eos or None, **sampling)
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
-    return out.shape[1] - width
 
 
 # ---- CLI ------------------------------------------------------------------------------------------

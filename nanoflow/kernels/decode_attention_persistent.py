@@ -3,9 +3,7 @@
 Same function as reference.paged_decode_attention; the grid is exactly `num_programs` programs, so
 decode attention can run beside GEMMs on a share of the SMs (NanoFlow's execution-unit scheduling).
 
-Why not the split-KV kernel with `max_programs`: there each program walks whole work items and its
-software pipeline fills and drains at every item, which on a third of the SMs leaves too few bytes
-in flight (measured 0.9-1.6 TB/s at 32-66 programs). Here:
+Work split (both kernel variants):
 * Work is the flattened sequence of KV *tiles* over (request r, KV-head group g, tile j): request r
   has n_r = max(1, cdiv(seq_len_r, TILE_N)) tiles per group. Program p takes the contiguous tile range
   [p*W/P, (p+1)*W/P) of the W tiles (stream-K: balanced by tiles, so ragged lengths do not unbalance
@@ -15,14 +13,24 @@ in flight (measured 0.9-1.6 TB/s at 32-66 programs). Here:
   by selects, not by leaving the loop, so Triton's software pipeline (num_stages) keeps streaming
   across items. Block-table entries and the next request's length are loaded one iteration ahead
   (loop-carried), so tile addresses never wait on a load of the same iteration and the pipeliner
-  keeps num_stages - 1 tiles in flight: K, V and the item's query rows, staged in shared memory by
-  cp.async (K/V with an L2 evict-first hint: read once, while a GEMM beside us wants the L2).
-* A work item holds HB KV heads (config.heads_per_item) with all their GQA query heads: [HB, 16, D]
-  batched dots (16 rows: the tensor-core minimum; G = 4 real rows for Llama-3-8B). Default HB = 1,
-  tiles of 128 tokens; HB > 1 reads HB * D * 2 contiguous bytes of a token row instead of D * 2.
+  keeps the next tiles in flight: K, V and the item's query rows, staged in shared memory by cp.async
+  (K/V with an L2 evict-first hint: read once, while a GEMM beside us wants the L2).
+* A work item holds HB KV heads (config.heads_per_item) with all their GQA query heads.
 * An item fully inside one program's range is written normalized to `out`. An item cut by a range
   boundary leaves unnormalized partials (acc, m, l): the program where it starts ("owner") writes slot
   1, each later program covering it writes slot 0; a second small kernel (grid P x HB) merges them.
+
+Variants (config.variant), the same function:
+* "tm" (tokens as M; default): per tile the K rows of the item's HB heads form one [TILE_N, HB*D]
+  matrix (a token's HB heads are adjacent in the cache row) and the queries a block-diagonal
+  [HB*D, NP] matrix Q^T (column h*G + g holds q[h, g] in rows h*D..h*D+D-1, zeros elsewhere; NP = HB*G
+  padded to >= 16). S^T = K . Q^T is [TILE_N, NP]: the tokens are the dot's M dimension, so with
+  TILE_N >= 64 per warpgroup it is a Hopper wgmma that reads K straight from the cp.async buffer in
+  shared memory (no register staging, no 16-row query padding). Then acc^T [HB*D, NP] += V^T . P^T
+  (V^T: a transposed view of the V buffer; P^T: [TILE_N, NP], tiny), of which the diagonal blocks
+  are the output. The zeros cost HB x the tensor work, which is far below the tensor cores' rate.
+* "hm" (heads as M; the round-4 kernel): [HB, 16, D] query rows (G real rows padded to 16), batched
+  dots with K / V loaded from shared memory into registers (mma.sync).
 """
 from __future__ import annotations
 
@@ -34,49 +42,63 @@ import triton.language as tl
 
 _SCAN = 1024          # requests per vector step of the in-kernel length scan
 _MERGE_PROGRAMS = 16  # partials combined per vector step of the merge kernel
+VARIANTS = ("tm", "hm")
 
 
 @dataclasses.dataclass(frozen=True)
 class PersistentDecodeConfig:
     """tile_n: tokens per tile. heads_per_item (HB): KV heads per work item (None = all KV heads, at
-    most 8; must divide the KV head count). Shared memory: num_stages - 1 buffers of K + V + Q tiles,
-    (2 * tile_n + 16) * HB * D * elem_size each, plus HB * 16 * D * 4 for the epilogue; sm_90 has
-    227 KB per SM, so at D=128 bf16 HB=8 does not fit with two buffers (use HB <= 4)."""
+    most 8; must divide the KV head count). variant: "tm" (tokens as the dot's M, wgmma) or "hm"
+    (heads as M, the round-4 kernel).
+
+    Shared memory per pipeline buffer: K + V tiles, 2 * tile_n * HB * D * elem_size, plus the query
+    tile ("tm": HB * D * 16 * elem_size; "hm": HB * 16 * D * elem_size). Triton allocates num_stages
+    buffers when the dot reads them from shared memory (wgmma, "tm" on sm_90) and num_stages - 1 when
+    it loads them to registers first ("hm"); sm_90 has 227 KB per SM. At D=128 bf16: "tm" tile 64 x
+    HB 1 = 36 KB per buffer (st <= 6), tile 128 x HB 1 or tile 64 x HB 2 = 68-72 KB (st <= 3)."""
 
     tile_n: int = 128
     heads_per_item: int | None = 1
     num_warps: int = 8
-    num_stages: int = 4
+    num_stages: int = 3
+    variant: str = "tm"
 
     def __post_init__(self):
         if self.tile_n < 16 or self.tile_n & (self.tile_n - 1):
             raise ValueError(f"tile_n must be a power of two >= 16, got {self.tile_n}")
         if self.heads_per_item is not None and self.heads_per_item < 1:
             raise ValueError(f"heads_per_item must be >= 1, got {self.heads_per_item}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
 
     def describe(self) -> str:
-        return (f"tile={self.tile_n} heads={self.heads_per_item or 'all'} w={self.num_warps} "
-                f"st={self.num_stages}")
+        return (f"{self.variant} tile={self.tile_n} heads={self.heads_per_item or 'all'} "
+                f"w={self.num_warps} st={self.num_stages}")
 
 
-# Candidates for the H200 sweep (benchmarks/overlap_gpu.py), bf16 D=128 Hk=8. Shared memory /
-# registers per thread from compiling for sm_90 with triton 3.9 (no spills): 212 KB / 155,
-# 188 KB / 175, 192 KB / 218, 212 KB / 110, 188 KB / 197 (the limit is 227 KB).
+# Candidates for benchmarks/overlap_gpu.py (bf16 D=128 Hk=8); benchmarks/decode_sweep_gpu.py sweeps
+# more. "tm" shared memory / registers per thread from compiling for sm_90 with triton 3.9 (no
+# spills): 217 KB / 143, 193 KB / 143, 229 KB / 227.
 CONFIGS = (
-    PersistentDecodeConfig(tile_n=128, heads_per_item=1, num_warps=8, num_stages=4),  # 64 KB x 3
-    PersistentDecodeConfig(tile_n=64, heads_per_item=1, num_warps=8, num_stages=6),   # 32 KB x 5
-    PersistentDecodeConfig(tile_n=32, heads_per_item=4, num_warps=8, num_stages=3),   # 64 KB x 2
-    PersistentDecodeConfig(tile_n=128, heads_per_item=1, num_warps=16, num_stages=4),
-    PersistentDecodeConfig(tile_n=64, heads_per_item=1, num_warps=4, num_stages=6),
+    PersistentDecodeConfig(tile_n=128, heads_per_item=1, num_warps=8, num_stages=3, variant="tm"),
+    PersistentDecodeConfig(tile_n=64, heads_per_item=1, num_warps=4, num_stages=5, variant="tm"),
+    PersistentDecodeConfig(tile_n=64, heads_per_item=2, num_warps=4, num_stages=3, variant="tm"),
+    PersistentDecodeConfig(tile_n=32, heads_per_item=4, num_warps=8, num_stages=3, variant="hm"),
 )
 
 
 def default_config(head_dim: int, elem_size: int) -> PersistentDecodeConfig:
-    """One KV head per item, 64 KB of K+V per tile, 3 tiles in flight (CONFIGS[0] at D=128 bf16);
-    fp32 (tests) gets 32 KB tiles."""
+    """"tm", one KV head per item, 64 KB of K+V per tile, three buffers (CONFIGS[0] at D=128 bf16);
+    fp32 (tests, no wgmma) gets 32 KB tiles."""
     target = 32768 if elem_size >= 4 else 65536
     tile_n = max(16, min(256, triton.next_power_of_2(max(1, target // (head_dim * elem_size * 2)))))
-    return PersistentDecodeConfig(tile_n=tile_n, heads_per_item=1, num_warps=8, num_stages=4)
+    return PersistentDecodeConfig(tile_n=tile_n, heads_per_item=1, num_warps=8, num_stages=3,
+                                  variant="tm")
+
+
+def _fits_int32(t: torch.Tensor) -> bool:
+    """Every element offset of t (from its data pointer) fits in int32."""
+    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) < 2**31 - 1
 
 
 def _heads_per_item(requested: int | None, num_kv_heads: int) -> int:
@@ -132,10 +154,177 @@ def _range_of(pid, num_programs, total):
     return start, end
 
 
+@triton.jit
+def _next_tile(r, g, j, n, seq_len, next_len, NUM_GROUPS: tl.constexpr, TILE_N: tl.constexpr):
+    """Tile after (r, g, j): the next tile of the item, else the next head group, else the next
+    request (whose length next_len was loaded one iteration ahead)."""
+    j += 1
+    next_item = j == n
+    j = tl.where(next_item, 0, j)
+    g = tl.where(next_item, g + 1, g)
+    next_req = g == NUM_GROUPS
+    g = tl.where(next_req, 0, g)
+    r = tl.where(next_req, r + 1, r)
+    seq_len = tl.where(next_req, next_len, seq_len)
+    n = _tiles_of(seq_len, TILE_N)
+    return r, g, j, n, seq_len
+
+
+@triton.jit
+def _pages(bt_ptr, r, stride_bt, j, offs_t, seq_len, TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+           OFF32: tl.constexpr):
+    """Cache block of each token of tile j of request r (0 past the context)."""
+    pos = j * TILE_N + offs_t
+    if TILE_N % BLOCK_SIZE == 0:
+        blk = j * (TILE_N // BLOCK_SIZE) + offs_t // BLOCK_SIZE   # offs_t // BLOCK_SIZE: loop-invariant
+    else:
+        blk = pos // BLOCK_SIZE
+    if OFF32:
+        row = bt_ptr + r * stride_bt
+    else:
+        row = bt_ptr + r.to(tl.int64) * stride_bt
+    return tl.load(row + blk, mask=pos < seq_len, other=0)
+
+
 # The batch size and row-sliced metadata pointers change every step: no re-compiles for them.
 @triton.jit(do_not_specialize=["num_requests"],
             do_not_specialize_on_alignment=["num_requests", "bt_ptr", "lens_ptr"])
-def _decode_persistent_kernel(
+def _decode_tm_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, pacc_ptr, pml_ptr, meta_ptr,
+    scale_log2, num_requests,
+    stride_qr, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_bt, stride_or, stride_oh,
+    NUM_GROUPS: tl.constexpr, HB: tl.constexpr, GROUP: tl.constexpr, NP: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TILE_N: tl.constexpr,
+    SCAN: tl.constexpr, DOT_PRECISION: tl.constexpr, OFF32: tl.constexpr, SAME_KV: tl.constexpr,
+):
+    """Variant "tm": S^T [TILE_N, NP] = K [TILE_N, HB*D] . Q^T [HB*D, NP] (block-diagonal), then
+    acc^T [HB*D, NP] += V^T . P^T; output (h, g, d) = acc^T[h*D + d, h*G + g]."""
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    total = NUM_GROUPS * _total_tiles(lens_ptr, num_requests, TILE_N, SCAN)
+    start, end = _range_of(pid, num_programs, total)
+
+    HBD: tl.constexpr = HB * BLOCK_D
+    offs_t = tl.arange(0, TILE_N)
+    offs_c = tl.arange(0, HBD)            # K / V column: head c // BLOCK_D of the item, dim c % BLOCK_D
+    c_head = offs_c // BLOCK_D
+    c_d = offs_c % BLOCK_D
+    col_ok = c_d < HEAD_DIM
+    # Loop-invariant parts of the K / V element offsets (tile-relative slot and column); per tile only
+    # a per-token block offset is added. A tile spans whole blocks when TILE_N % BLOCK_SIZE == 0.
+    # OFF32: every cache offset fits in int32 (one IMAD per address instead of 64-bit arithmetic);
+    # SAME_KV: K and V caches have the same strides (V reuses K's offsets).
+    if TILE_N % BLOCK_SIZE == 0:
+        k_inner = ((offs_t % BLOCK_SIZE) * stride_ks)[:, None] + (c_head * stride_kh + c_d)[None, :]
+        v_inner = ((offs_t % BLOCK_SIZE) * stride_vs)[:, None] + (c_head * stride_vh + c_d)[None, :]
+    else:
+        k_inner = (c_head * stride_kh + c_d)[None, :]
+        v_inner = (c_head * stride_vh + c_d)[None, :]
+    offs_n = tl.arange(0, NP)             # query column: q head n of the item (KV head n // GROUP)
+    n_ok = offs_n < HB * GROUP
+    # The block diagonal of [HB*D, NP]: where Q^T is non-zero and where acc^T holds outputs.
+    diag = (c_head[:, None] == (offs_n // GROUP)[None, :]) & n_ok[None, :] & col_ok[:, None]
+    qt_off = offs_n[None, :] * stride_qh + c_d[:, None]       # + (g * HB * GROUP) * stride_qh
+    o_off = offs_n[None, :] * stride_oh + c_d[:, None]
+    part_off = offs_n[None, :] * HEAD_DIM + c_d[:, None]      # partial acc [P, 2, HB * GROUP, HEAD_DIM]
+
+    # State of the first tile: request r, head group g, tile j of n, and what it needs loaded.
+    r, u = _locate(lens_ptr, num_requests, start, NUM_GROUPS, TILE_N, SCAN)
+    seq_len = tl.load(lens_ptr + r).to(tl.int32)
+    n = _tiles_of(seq_len, TILE_N)
+    g = u // n
+    j = u % n
+    page = _pages(bt_ptr, r, stride_bt, j, offs_t, seq_len, TILE_N, BLOCK_SIZE, OFF32)
+    next_len = tl.load(lens_ptr + r + 1, mask=r + 1 < num_requests, other=0).to(tl.int32)
+
+    m_i = tl.full([NP], float("-inf"), tl.float32)
+    l_t = tl.zeros([TILE_N, NP], tl.float32)  # softmax denominators per token row: summed at the end
+    acc = tl.zeros([HBD, NP], tl.float32)
+    own_item = -1   # item this program starts but does not finish (its merge is ours)
+    own_end = 0
+    for t in range(start, end):
+        # ---- the current tile (r, g, j): K / V addresses come from loop-carried values only.
+        pos = j * TILE_N + offs_t
+        tok_ok = pos < seq_len
+        head0 = g * HB
+        # Rows past the context read block 0 (page is 0 there): harmless for K (its scores are
+        # masked below) but V is zero-filled (0 * garbage could be NaN).
+        if OFF32:
+            pg = page
+        else:
+            pg = page.to(tl.int64)
+        if TILE_N % BLOCK_SIZE == 0:
+            k_row = pg * stride_kb + head0 * stride_kh
+            v_row = pg * stride_vb + head0 * stride_vh
+        else:
+            k_row = pg * stride_kb + (pos % BLOCK_SIZE) * stride_ks + head0 * stride_kh
+            v_row = pg * stride_vb + (pos % BLOCK_SIZE) * stride_vs + head0 * stride_vh
+        k_off = k_row[:, None] + k_inner
+        if SAME_KV:
+            v_off = k_off
+        else:
+            v_off = v_row[:, None] + v_inner
+        if HEAD_DIM == BLOCK_D:
+            k = tl.load(k_ptr + k_off, eviction_policy="evict_first")
+            v = tl.load(v_ptr + v_off, mask=tok_ok[:, None], other=0.0, eviction_policy="evict_first")
+        else:
+            k = tl.load(k_ptr + k_off, mask=col_ok[None, :], other=0.0, eviction_policy="evict_first")
+            v = tl.load(v_ptr + v_off, mask=tok_ok[:, None] & col_ok[None, :], other=0.0,
+                        eviction_policy="evict_first")
+        if OFF32:
+            q_item = r * stride_qr + head0 * GROUP * stride_qh
+        else:
+            q_item = r.to(tl.int64) * stride_qr + head0 * GROUP * stride_qh
+        qt = tl.load(q_ptr + (q_item + qt_off), mask=diag, other=0.0)
+        # A new item starts from an empty softmax state: m = -inf makes alpha = 0, which clears acc
+        # and l_t (both finite).
+        m_i = tl.where(j == 0, float("-inf"), m_i)
+        s = tl.dot(k, qt, input_precision=DOT_PRECISION) * scale_log2           # [TILE_N, NP]
+        s = tl.where(tok_ok[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))   # the one cross-warp reduction of a tile
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked tile (empty context)
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[None, :])
+        l_t = l_t * alpha[None, :] + p
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(v), p.to(v.dtype), input_precision=DOT_PRECISION)
+        m_i = m_new
+
+        # ---- leaving the item (its last tile, or this program's last tile): write it.
+        item_start = t - j
+        item_end = item_start + n
+        if (j == n - 1) | (t == end - 1):
+            l_i = tl.sum(l_t, 0)
+            if (item_start >= start) & (item_end <= end):
+                o = acc / tl.where(l_i > 0.0, l_i, 1.0)[None, :]
+                tl.store(o_ptr + r.to(tl.int64) * stride_or + head0 * GROUP * stride_oh + o_off,
+                         o.to(o_ptr.dtype.element_ty), mask=diag)
+            else:
+                part = pid * 2 + (item_start >= start).to(tl.int32)   # slot 1: the owner's
+                tl.store(pacc_ptr + part.to(tl.int64) * (HB * GROUP * HEAD_DIM) + part_off, acc,
+                         mask=diag)
+                tl.store(pml_ptr + part * (2 * HB * GROUP) + offs_n, m_i, mask=n_ok)
+                tl.store(pml_ptr + part * (2 * HB * GROUP) + HB * GROUP + offs_n, l_i, mask=n_ok)
+        owner = (t == end - 1) & (item_start >= start) & (item_end > end)
+        own_item = tl.where(owner, r * NUM_GROUPS + g, own_item)
+        own_end = tl.where(owner, item_end, own_end)
+
+        # ---- advance to the next tile; its loads are consumed by the next iteration.
+        r, g, j, n, seq_len = _next_tile(r, g, j, n, seq_len, next_len, NUM_GROUPS, TILE_N)
+        r_in = tl.minimum(r, num_requests - 1)  # past the last tile r may run off the end
+        page = _pages(bt_ptr, r_in, stride_bt, j, offs_t, seq_len, TILE_N, BLOCK_SIZE, OFF32)
+        next_len = tl.load(lens_ptr + r_in + 1, mask=r_in + 1 < num_requests, other=0).to(tl.int32)
+    tl.store(meta_ptr + pid * 3, own_item)
+    tl.store(meta_ptr + pid * 3 + 1, own_end)
+    tl.store(meta_ptr + pid * 3 + 2, total)
+
+
+# The batch size and row-sliced metadata pointers change every step: no re-compiles for them.
+@triton.jit(do_not_specialize=["num_requests"],
+            do_not_specialize_on_alignment=["num_requests", "bt_ptr", "lens_ptr"])
+def _decode_hm_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, pacc_ptr, pml_ptr, meta_ptr,
     scale_log2, num_requests,
     stride_qr, stride_qh,
@@ -146,6 +335,7 @@ def _decode_persistent_kernel(
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TILE_N: tl.constexpr,
     SCAN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """Variant "hm": [HB, BLOCK_H, D] query rows (G real) . [HB, D, TILE_N] K, batched dots."""
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     total = NUM_GROUPS * _total_tiles(lens_ptr, num_requests, TILE_N, SCAN)
@@ -230,15 +420,7 @@ def _decode_persistent_kernel(
         own_end = tl.where(owner, item_end, own_end)
 
         # ---- advance to the next tile; its loads are consumed by the next iteration.
-        j += 1
-        next_item = j == n
-        j = tl.where(next_item, 0, j)
-        g = tl.where(next_item, g + 1, g)
-        next_req = g == NUM_GROUPS
-        g = tl.where(next_req, 0, g)
-        r = tl.where(next_req, r + 1, r)
-        seq_len = tl.where(next_req, next_len, seq_len)
-        n = _tiles_of(seq_len, TILE_N)
+        r, g, j, n, seq_len = _next_tile(r, g, j, n, seq_len, next_len, NUM_GROUPS, TILE_N)
         r_in = tl.minimum(r, num_requests - 1)  # past the last tile r may run off the end
         pos = j * TILE_N + offs_t
         page = tl.load(bt_ptr + r_in.to(tl.int64) * stride_bt + pos // BLOCK_SIZE, mask=pos < seq_len,
@@ -323,7 +505,7 @@ def paged_decode_attention(
     num_programs: the grid of the main kernel (the SM budget; at most the SM count, since a program
     takes a whole SM's shared memory and more would run in waves). The merge kernel's grid is
     num_programs x heads_per_item; its programs without a cut item exit at once.
-    config: tile / heads / warps / stages; None = default_config(...).
+    config: variant / tile / heads / warps / stages; None = default_config(...).
     """
     if num_programs < 1:
         raise ValueError(f"num_programs must be >= 1, got {num_programs}")
@@ -349,24 +531,29 @@ def paged_decode_attention(
     cfg = config or default_config(head_dim, q.element_size())
     hb = _heads_per_item(cfg.heads_per_item, num_kv_heads)
     group = num_heads // num_kv_heads
-    block_h = max(16, triton.next_power_of_2(group))
     block_d = triton.next_power_of_2(head_dim)
     # Partials: two slots per program, the real query rows of one item each.
     pacc = torch.empty((num_programs, 2, hb * group, head_dim), dtype=torch.float32, device=q.device)
     pml = torch.empty((num_programs, 2, 2, hb * group), dtype=torch.float32, device=q.device)
     meta = torch.empty((num_programs, 3), dtype=torch.int32, device=q.device)
-    _decode_persistent_kernel[(num_programs,)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, pacc, pml, meta,
-        scale * 1.4426950408889634, num_requests,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
-        NUM_GROUPS=num_kv_heads // hb, HB=hb, GROUP=group, BLOCK_H=block_h,
-        BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_D=block_d, TILE_N=cfg.tile_n,
-        SCAN=_SCAN, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    args = (q, k_cache, v_cache, block_tables, seq_lens, out, pacc, pml, meta,
+            scale * 1.4426950408889634, num_requests,
+            q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            block_tables.stride(0), out.stride(0), out.stride(1))
+    common = dict(NUM_GROUPS=num_kv_heads // hb, HB=hb, GROUP=group, BLOCK_SIZE=block_size,
+                  HEAD_DIM=head_dim, BLOCK_D=block_d, TILE_N=cfg.tile_n, SCAN=_SCAN,
+                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.variant == "tm":
+        _decode_tm_kernel[(num_programs,)](*args, NP=max(16, triton.next_power_of_2(hb * group)),
+                                           OFF32=all(map(_fits_int32, (q, k_cache, v_cache, block_tables,
+                                                                       out))),
+                                           SAME_KV=k_cache.stride() == v_cache.stride(), **common)
+    else:
+        _decode_hm_kernel[(num_programs,)](*args, BLOCK_H=max(16, triton.next_power_of_2(group)),
+                                           **common)
     _decode_merge_kernel[(num_programs, hb)](
         pacc, pml, meta, out, out.stride(0), out.stride(1),
         NUM_GROUPS=num_kv_heads // hb, HB=hb, GROUP=group, BLOCK_G=triton.next_power_of_2(group),

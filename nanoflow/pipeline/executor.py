@@ -226,28 +226,26 @@ class PlanExecutor:
             s.wait_event(start)  # side streams see the batch tensors the main stream copied in
         # Events by (round, position in round); a template node's deps are (round delta, position).
         events: dict[tuple[int, int], torch.cuda.Event] = {}
-        current = None
-        for r, nodes in enumerate(rounds):
-            for pos, node in enumerate(nodes):
-                stream = streams[node.stream]
-                for dr, dpos in node.cross_deps:
-                    stream.wait_event(events[(r + dr, dpos)])
-                state.sm_budget = node.sm_budget
-                if stream is not current:
-                    if current is not None:
-                        ctx.__exit__(None, None, None)
-                    ctx = torch.cuda.stream(stream)
-                    ctx.__enter__()
-                    current = stream
-                if self.record_timeline:
-                    t0 = stream.record_event(torch.cuda.Event(enable_timing=True))
-                layers_ops[node.layer][node.op_pos].fn(state, node.lo, node.hi)
-                if self.record_timeline:
-                    self._timeline.append((node, t0, stream.record_event(torch.cuda.Event(enable_timing=True))))
-                if node.needs_event:
-                    events[(r, pos)] = stream.record_event()
-        if current is not None:
-            ctx.__exit__(None, None, None)
+        current = main
+        try:
+            for r, nodes in enumerate(rounds):
+                for pos, node in enumerate(nodes):
+                    stream = streams[node.stream]
+                    for dr, dpos in node.cross_deps:
+                        stream.wait_event(events[(r + dr, dpos)])
+                    if stream is not current:  # kernels launch on the current stream
+                        torch.cuda.set_stream(stream)
+                        current = stream
+                    state.sm_budget = node.sm_budget
+                    if self.record_timeline:
+                        t0 = stream.record_event(torch.cuda.Event(enable_timing=True))
+                    layers_ops[node.layer][node.op_pos].fn(state, node.lo, node.hi)
+                    if self.record_timeline:
+                        self._timeline.append((node, t0, stream.record_event(torch.cuda.Event(enable_timing=True))))
+                    if node.needs_event:
+                        events[(r, pos)] = stream.record_event()
+        finally:
+            torch.cuda.set_stream(main)
         state.sm_budget = None
         for s in streams[1:]:
             main.wait_stream(s)
