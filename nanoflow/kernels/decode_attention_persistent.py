@@ -29,6 +29,11 @@ Variants (config.variant), the same function:
   shared memory (no register staging, no 16-row query padding). Then acc^T [HB*D, NP] += V^T . P^T
   (V^T: a transposed view of the V buffer; P^T: [TILE_N, NP], tiny), of which the diagonal blocks
   are the output. The zeros cost HB x the tensor work, which is far below the tensor cores' rate.
+  On one CTA per SM the kernel is bound by issued instructions per byte (round 4: ~165 warp
+  instructions per KB of K+V for "hm"), so the addressing is lean: slot / column offsets are
+  loop-invariant, a token adds one int32 block offset (64-bit only if a cache passes 2**31
+  elements), V reuses K's offsets, K rows past the context read block 0 unmasked (their scores are
+  masked); ~60-80 warp instructions per KB at tile 128 (SASS of triton 3.6 for sm_90).
 * "hm" (heads as M; the round-4 kernel): [HB, 16, D] query rows (G real rows padded to 16), batched
   dots with K / V loaded from shared memory into registers (mma.sync).
 """
@@ -77,23 +82,30 @@ class PersistentDecodeConfig:
 
 
 # Candidates for benchmarks/overlap_gpu.py (bf16 D=128 Hk=8); benchmarks/decode_sweep_gpu.py sweeps
-# more. "tm" shared memory / registers per thread from compiling for sm_90 with triton 3.9 (no
-# spills): 217 KB / 143, 193 KB / 143, 229 KB / 227.
+# more. Compiled for sm_90 with triton 3.6 (ptxas -v, no spills): shared memory / registers per
+# thread / SASS instructions of the main loop per warp, and warp-instructions per KB of K+V:
+#   tm 128/1/8/3   217 KB / 144 / 620 (~78 per KB)     tm 128/1/16/3  217 KB / 128 / 557
+#   tm 64/2/4/3    229 KB / 218 / 980 (~61 per KB)     tm 64/1/4/6    229 KB / 168 / 702 (~88)
+#   hm 32/4/8/3    197 KB / 255 + 68 B spilled / 1319 (~165 per KB; the round-4 best, 1.25 TB/s at 44)
 CONFIGS = (
     PersistentDecodeConfig(tile_n=128, heads_per_item=1, num_warps=8, num_stages=3, variant="tm"),
-    PersistentDecodeConfig(tile_n=64, heads_per_item=1, num_warps=4, num_stages=5, variant="tm"),
     PersistentDecodeConfig(tile_n=64, heads_per_item=2, num_warps=4, num_stages=3, variant="tm"),
+    PersistentDecodeConfig(tile_n=64, heads_per_item=1, num_warps=4, num_stages=6, variant="tm"),
     PersistentDecodeConfig(tile_n=32, heads_per_item=4, num_warps=8, num_stages=3, variant="hm"),
 )
 
 
 def default_config(head_dim: int, elem_size: int) -> PersistentDecodeConfig:
-    """"tm", one KV head per item, 64 KB of K+V per tile, three buffers (CONFIGS[0] at D=128 bf16);
-    fp32 (tests, no wgmma) gets 32 KB tiles."""
-    target = 32768 if elem_size >= 4 else 65536
-    tile_n = max(16, min(256, triton.next_power_of_2(max(1, target // (head_dim * elem_size * 2)))))
-    return PersistentDecodeConfig(tile_n=tile_n, heads_per_item=1, num_warps=8, num_stages=3,
-                                  variant="tm")
+    """"tm", one KV head per item, 32 KB K + 32 KB V per tile, three buffers, 4 warps (217 KB of
+    shared memory at D=128 bf16). The H200 sweep (benchmarks/results/decode_sweep_round7.txt) ranked
+    it first at every budget (1462 / 1997 / 2968 / 4298 GB/s on 32 / 44 / 66 / 132 SMs; 8 warps within
+    1%). fp32 (tests, no wgmma) gets 16 KB tiles."""
+    row = triton.next_power_of_2(head_dim) * elem_size
+    if elem_size >= 4:
+        return PersistentDecodeConfig(tile_n=max(16, min(128, triton.next_power_of_2(max(1, 16384 // row)))),
+                                      heads_per_item=1, num_warps=4, num_stages=3, variant="tm")
+    tile_n = max(16, min(256, triton.next_power_of_2(max(1, 32768 // row))))
+    return PersistentDecodeConfig(tile_n=tile_n, heads_per_item=1, num_warps=4, num_stages=3, variant="tm")
 
 
 def _fits_int32(t: torch.Tensor) -> bool:
@@ -279,9 +291,12 @@ def _decode_tm_kernel(
         else:
             q_item = r.to(tl.int64) * stride_qr + head0 * GROUP * stride_qh
         qt = tl.load(q_ptr + (q_item + qt_off), mask=diag, other=0.0)
-        # A new item starts from an empty softmax state: m = -inf makes alpha = 0, which clears acc
-        # and l_t (both finite).
-        m_i = tl.where(j == 0, float("-inf"), m_i)
+        # A new item starts from an empty softmax state (selects, not alpha = 0: a non-finite value
+        # of one item must not leak into the next).
+        fresh = j == 0
+        m_i = tl.where(fresh, float("-inf"), m_i)
+        l_t = tl.where(fresh, 0.0, l_t)
+        acc = tl.where(fresh, 0.0, acc)
         s = tl.dot(k, qt, input_precision=DOT_PRECISION) * scale_log2           # [TILE_N, NP]
         s = tl.where(tok_ok[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))   # the one cross-warp reduction of a tile

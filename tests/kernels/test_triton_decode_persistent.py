@@ -72,6 +72,11 @@ def test_gqa_group_not_pow2(gen):
     run_case(gen, hq=6, hk=2, num_programs=3, config=small("tm", heads_per_item=2))
 
 
+def test_more_query_columns_than_16(gen):
+    """"tm" with HB * G = 32 query columns (HB = 4 KV heads of G = 8)."""
+    run_case(gen, hq=32, hk=4, seq_lens=[3, 40, 17], num_programs=2, config=small("tm"))
+
+
 # Triton's interpreter multiplies bf16 dot operands as raw integers: bf16 is checked on the GPU only.
 HALF = [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
     INTERPRET, reason="bf16 tl.dot is wrong in the interpreter"))]
