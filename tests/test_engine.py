@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from nanoflow import LLM, EngineConfig, SamplingParams
 from nanoflow.engine.engine import LLMEngine, QueueFullError
@@ -142,3 +143,24 @@ def test_stop_string_and_eos_through_engine(ckpt):
 def test_cli_generate_default_model(capsys):
     assert cli_main(["generate", "Hello", "--max-tokens", "5", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.startswith("Hello")
+
+
+def test_fp8_kv_cache_quarter_bytes_and_close_logits(ckpt):
+    base = dict(model=str(ckpt), dtype="float32", device="cpu", cpu_kv_cache_gb=0.01, block_size=4)
+    full = LLMEngine(EngineConfig(**base), stream_text=False)
+    fp8 = LLMEngine(EngineConfig(**base, kv_cache_dtype="fp8"), stream_text=False)
+    assert fp8.runner.kv_caches[0][0].dtype == torch.float8_e4m3fn
+    assert abs(fp8.kv.pool.num_blocks - 4 * full.kv.pool.num_blocks) <= 4  # 1 byte per element, not 4
+    prompt = _prompts(1, seed=5)[0] * 3
+    logits = []
+    for engine in (full, fp8):
+        engine.add_request("p", prompt, SamplingParams(max_tokens=1))
+        batch = engine.runner.build_batch(engine.scheduler.schedule())
+        batch.logits_indices = torch.arange(len(prompt))
+        logits.append(engine.runner.forward(batch))
+    # e4m3 keeps 3 mantissa bits: logits move a little, the ranking of the top tokens mostly not.
+    assert (logits[0] - logits[1]).abs().max() < 0.1 * logits[0].abs().max()
+    agree = (logits[0].argmax(-1) == logits[1].argmax(-1)).float().mean()
+    assert agree > 0.8
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        EngineConfig(kv_cache_dtype="int4")

@@ -96,15 +96,16 @@ class LLMEngine:
         self.max_model_len = self.config.max_model_len or self.model_config.max_position_embeddings
         self.eos_token_ids = self._eos_ids()
         token_budget = self.config.resolved_token_budget(self.device)
+        kv_dtype = self.config.resolved_kv_dtype(self.model.dtype)
         num_blocks = self.config.num_kv_blocks or choose_num_blocks(
             self.model, self.config.block_size, self.device, self.config.gpu_memory_utilization,
-            self.config.cpu_kv_cache_gb, self.config.max_num_seqs)
+            self.config.cpu_kv_cache_gb, self.config.max_num_seqs, kv_dtype)
         self.kv = KVCacheManager(num_blocks, self.config.block_size)
         self.scheduler = Scheduler(
             SchedulerConfig(token_budget, self.config.max_num_seqs, self.config.kv_admission_ratio), self.kv)
         # The torch reference kernels sync with the host (not capturable): graphs need the Triton path.
         graphs = not self.config.enforce_eager and self.model.kernels is not reference_kernels
-        self.runner = ModelRunner(self.model, self.kv, token_budget, cuda_graphs=graphs)
+        self.runner = ModelRunner(self.model, self.kv, token_budget, cuda_graphs=graphs, kv_dtype=kv_dtype)
         self._executors: dict[str, object] = {}
         self.set_plan(self.config.plan)
         self.sampler = Sampler(self.eos_token_ids, seed=self.config.seed)

@@ -16,15 +16,16 @@ from nanoflow.pipeline.executor import PlanExecutor, make_executor
 _ACTIVATION_RESERVE_BYTES = 1 << 30
 
 
-def kv_block_bytes(model: LlamaForCausalLM, block_size: int) -> int:
+def kv_block_bytes(model: LlamaForCausalLM, block_size: int, kv_dtype: torch.dtype) -> int:
     cfg = model.config
-    elem = torch.empty((), dtype=model.dtype).element_size()
+    elem = torch.empty((), dtype=kv_dtype).element_size()
     return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
 
 
 def choose_num_blocks(model: LlamaForCausalLM, block_size: int, device: torch.device,
-                      gpu_memory_utilization: float, cpu_kv_cache_gb: float, max_num_seqs: int) -> int:
-    per_block = kv_block_bytes(model, block_size)
+                      gpu_memory_utilization: float, cpu_kv_cache_gb: float, max_num_seqs: int,
+                      kv_dtype: torch.dtype) -> int:
+    per_block = kv_block_bytes(model, block_size, kv_dtype)
     if device.type != "cuda":
         return max(1, int(cpu_kv_cache_gb * (1 << 30)) // per_block)
     free, total = torch.cuda.mem_get_info(device)
@@ -39,15 +40,17 @@ def choose_num_blocks(model: LlamaForCausalLM, block_size: int, device: torch.de
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv: KVCacheManager, token_budget: int,
-                 executor: PlanExecutor | None = None, cuda_graphs: bool = False):
+                 executor: PlanExecutor | None = None, cuda_graphs: bool = False,
+                 kv_dtype: torch.dtype | None = None):
         self.model = model
         self.kv = kv
         self.device = model.device
         self.block_size = kv.block_size
         cfg = model.config
         shape = (kv.pool.num_blocks, kv.block_size, cfg.num_key_value_heads, cfg.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=model.dtype, device=self.device),
-                           torch.zeros(shape, dtype=model.dtype, device=self.device))
+        kv_dtype = kv_dtype or model.dtype
+        self.kv_caches = [(torch.zeros(shape, dtype=kv_dtype, device=self.device),
+                           torch.zeros(shape, dtype=kv_dtype, device=self.device))
                           for _ in range(cfg.num_hidden_layers)]
         self.workspace = model.new_workspace(token_budget)
         self.executor = executor or make_executor(None, self.model.layers[0].ops, self.device)
