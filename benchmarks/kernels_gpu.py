@@ -7,10 +7,17 @@ Correctness: relative error ||out - ref|| / ||ref|| < 1e-2 on fresh random data 
 every kernel and every decode-attention configuration that is timed. Timing: triton.testing.do_bench,
 median. GB/s = bytes the kernel must move / time (decode attention: K and V bytes read). Exits 1 if
 any check fails.
+
+FP8 KV cache (float8_e4m3fn, scale 1.0): rope's cache write (incl. saturation of out-of-range k / v:
+never NaN), split-KV and persistent decode attention and prefill attention are checked against the
+reference run on the same fp8 cache (rel err < 2e-2; the bf16-q attention cases cannot run in
+Triton's interpreter, so this is where they are checked), and decode is timed with GB/s counting
+1 byte per cached element.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -21,7 +28,9 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nanoflow.kernels import reference, triton_ops  # noqa: E402
+from nanoflow.kernels import decode_attention_persistent as dap  # noqa: E402
+from nanoflow.kernels import prefill_attention, reference, rope, triton_ops  # noqa: E402
+from nanoflow.kernels import decode_attention  # noqa: E402
 from nanoflow.kernels.decode_attention import (  # noqa: E402
     DecodeConfig, choose_num_splits, default_config, num_sms)
 
@@ -29,17 +38,24 @@ HIDDEN, INTER, HQ, HK, D, BLOCK = 4096, 14336, 32, 8, 128, 16
 DT = torch.bfloat16
 DEV = torch.device("cuda")
 TOL = 1e-2
+FP8 = torch.float8_e4m3fn
+FP8_TOL = 2e-2
 
 
 class Report:
     def __init__(self):
         self.failures: list[str] = []
 
-    def check(self, name: str, got: torch.Tensor, want: torch.Tensor) -> float:
+    def check(self, name: str, got: torch.Tensor, want: torch.Tensor, tol: float = TOL) -> float:
         err = ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)).item()
-        if not err < TOL:  # also catches NaN
+        if not err < tol:  # also catches NaN
             self.failures.append(f"{name}: rel err {err:.2e}")
         return err
+
+    def require(self, name: str, ok: bool, detail: str = ""):
+        if not ok:
+            self.failures.append(f"{name}: {detail}")
+        print(f"  {'ok  ' if ok else 'FAIL'} {name} {detail}", flush=True)
 
     def row(self, kernel: str, shape: str, ms: float, nbytes: float, err: float | None, extra: str = ""):
         gbs = nbytes / ms / 1e6
@@ -177,6 +193,141 @@ def bench_prefill(rep: Report, cases):
                 f"{tflops:.0f} TFLOP/s")
 
 
+def _reference_on_fp8(fn, *args, **kwargs):
+    """The reference on the fp8 caches; if this torch cannot index fp8 CUDA tensors, on exact bf16
+    copies of them (the same values: _attend widens to fp32 either way), said in the output."""
+    try:
+        return fn(*args, **kwargs)
+    except (RuntimeError, NotImplementedError) as exc:
+        print(f"  note: reference on fp8 caches failed ({str(exc).splitlines()[0][:100]}); "
+              "using exact bf16 copies of the fp8 caches")
+        return fn(*[a.to(DT) if isinstance(a, torch.Tensor) and a.dtype == FP8 else a for a in args],
+                  **kwargs)
+
+
+def fp8_rope(rep: Report, tokens: int):
+    header("FP8 KV cache: rope_and_cache_write (vs the reference on the same fp8 cache)")
+    qkv = rand(tokens, (HQ + 2 * HK) * D)
+    positions = torch.randint(0, 8192, (tokens,), device=DEV)
+    inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device=DEV, dtype=torch.float32) / D))
+    freqs = torch.outer(torch.arange(8192, device=DEV, dtype=torch.float32), inv)
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+    num_blocks = tokens // BLOCK + 64
+    slots = torch.randperm(num_blocks * BLOCK, device=DEV)[:tokens]
+    for kv_scale in (1.0, 1000.0):  # 1000: most k / v beyond +-448 (saturating cast, never NaN)
+        q, k, v = (t.view(tokens, -1, D) for t in qkv.split([HQ * D, HK * D, HK * D], dim=-1))
+        k, v = (k * kv_scale).contiguous(), (v * kv_scale).contiguous()
+        kc = torch.zeros(num_blocks, BLOCK, HK, D, device=DEV).to(FP8)
+        vc = torch.zeros_like(kc)
+        kc_ref, vc_ref = kc.clone(), vc.clone()
+        got_q = rope.rope_and_cache_write(q, k, v, positions, cos_sin, kc, vc, slots)
+        try:
+            want_q = reference.rope_and_cache_write(q, k, v, positions, cos_sin, kc_ref, vc_ref, slots)
+        except (RuntimeError, NotImplementedError) as exc:
+            rep.require(f"fp8 rope reference x{kv_scale:g}", False, f"reference raised {exc}")
+            continue
+        tag = f"fp8 rope x{kv_scale:g}"
+        err = max(rep.check(f"{tag}.q", got_q, want_q, FP8_TOL),
+                  rep.check(f"{tag}.k_cache", kc, kc_ref, FP8_TOL),
+                  rep.check(f"{tag}.v_cache", vc, vc_ref, FP8_TOL))
+        rep.require(f"{tag}: kernel cache has no NaN", not (kc.float().isnan().any() or vc.float().isnan().any()))
+        rep.require(f"{tag}: reference cache has no NaN (reference.py must clamp to +-448 before the cast)",
+                    not (kc_ref.float().isnan().any() or vc_ref.float().isnan().any()))
+        v_diff = int((vc.view(torch.uint8) != vc_ref.view(torch.uint8)).sum())
+        k_diff = int((kc.view(torch.uint8) != kc_ref.view(torch.uint8)).sum())
+        want_v = v.float().clamp(-448, 448).to(FP8)
+        v_exp = int((vc.view(num_blocks * BLOCK, HK, D)[slots].view(torch.uint8)
+                     != want_v.view(torch.uint8)).sum())
+        rep.require(f"{tag}: v cache bit-identical to the reference", v_diff == 0, f"{v_diff} bytes differ")
+        rep.require(f"{tag}: v cache == v.clamp(-448, 448).to(fp8)", v_exp == 0, f"{v_exp} bytes differ")
+        print(f"  {tag}: k cache bytes differing from the reference: {k_diff} of {kc.numel()} "
+              "(rotation rounding; expect ~0)")
+        if kv_scale == 1.0:
+            ms = bench(lambda: rope.rope_and_cache_write(q, k, v, positions, cos_sin, kc, vc, slots))
+            nbytes = qkv.numel() * 2 + tokens * HQ * D * 2 + 2 * tokens * HK * D  # fp8 writes: 1 B
+            rep.row("rope_and_cache_write fp8", f"T={tokens} Hq={HQ} Hk={HK} D={D}", ms, nbytes, err)
+
+
+def fp8_decode(rep: Report, cases, sm_count: int):
+    header("FP8 KV cache: paged decode attention (GB/s = K+V bytes read at 1 B / element)")
+    scale = D ** -0.5
+    for r, ctx, ragged in cases:
+        if ragged:
+            lens = torch.randint(ctx // 2, 3 * ctx // 2 + 1, (r,), device=DEV, dtype=torch.int32)
+        else:
+            lens = torch.full((r,), ctx, device=DEV, dtype=torch.int32)
+        kc16, vc16, table = make_cache(lens)
+        kc, vc = kc16.to(FP8), vc16.to(FP8)
+        kc16, vc16 = kc.to(DT), vc.to(DT)  # bf16 baseline on the same values
+        q = rand(r, HQ, D)
+        want = _reference_on_fp8(reference.paged_decode_attention, q, kc, vc, table, lens, scale)
+        elems = int(lens.sum()) * HK * D * 2
+        name = f"R={r} ctx={ctx}{'~' if ragged else ''}"
+        max_len = int(lens.max())
+        for budget in (None, 66, 44):
+            cfg = default_config(budget, sm_count, D, 2)
+            big = DecodeConfig(min(256, 2 * cfg.block_n), cfg.num_warps, cfg.num_stages)
+            for label, cache, nbytes, config in (("bf16", (kc16, vc16), 2 * elems, None),
+                                                 ("fp8", (kc, vc), elems, None),
+                                                 ("fp8 2x tile", (kc, vc), elems, big)):
+                if config is big and budget == 66:
+                    continue  # keep the script short: the larger tile at the full grid and 44 only
+                def run():
+                    return decode_attention.paged_decode_attention(
+                        q, *cache, table, lens, scale, max_programs=budget, max_seq_len=max_len,
+                        config=config)
+                try:
+                    err = rep.check(f"fp8 decode {label} {name} budget={budget}", run(), want, FP8_TOL)
+                except OutOfResources as exc:
+                    print(f"{'  skipped':<26} {label} grid={budget} {config}: {exc}")
+                    if config is None:  # the default config must compile
+                        rep.failures.append(f"fp8 decode {label} {name} budget={budget}: {exc}")
+                    continue
+                c = config or cfg
+                rep.row(f"split-KV {label}", f"{name} grid={'full' if budget is None else budget}",
+                        bench(run), nbytes, err, f"bn={c.block_n} w={c.num_warps} st={c.num_stages}")
+        for programs in (66, 44):
+            dflt = dap.default_config(D, 2)
+            for label, cache, nbytes, config in (
+                    ("bf16", (kc16, vc16), 2 * elems, None),
+                    ("fp8", (kc, vc), elems, None),
+                    ("fp8 tile 256", (kc, vc), elems, dataclasses.replace(dflt, tile_n=256)),
+                    ("fp8", (kc, vc), elems, dap.CONFIGS[-1])):  # "hm"
+                if config is dap.CONFIGS[-1] and programs != 44:
+                    continue  # keep the script short
+                def run():
+                    return dap.paged_decode_attention(q, *cache, table, lens, scale, num_programs=programs,
+                                                      config=config)
+                c = config or dflt
+                try:
+                    err = rep.check(f"fp8 persistent {label} {c.describe()} {name} P={programs}", run(),
+                                    want, FP8_TOL)
+                except OutOfResources as exc:
+                    print(f"{'  skipped':<26} {label} P={programs} {c.describe()}: {exc}")
+                    if config is None:  # the default config must compile
+                        rep.failures.append(f"fp8 persistent {label} {name} P={programs}: {exc}")
+                    continue
+                rep.row(f"persistent {label}", f"{name} P={programs}", bench(run), nbytes, err, c.describe())
+        del kc, vc, kc16, vc16
+
+
+def fp8_prefill(rep: Report, cases):
+    header("FP8 KV cache: paged prefill attention (GB/s column = K+V bytes at 1 B / element)")
+    for chunks in cases:
+        lens = torch.tensor([c + n for c, n in chunks], device=DEV, dtype=torch.int32)
+        qsl = torch.tensor([0] + [n for _, n in chunks], device=DEV).cumsum(0).to(torch.int32)
+        kc16, vc16, table = make_cache(lens)
+        kc, vc = kc16.to(FP8), vc16.to(FP8)
+        q = rand(int(qsl[-1]), HQ, D)
+        scale = D ** -0.5
+        got = prefill_attention.paged_prefill_attention(q, kc, vc, table, qsl, lens, scale)
+        want = _reference_on_fp8(reference.paged_prefill_attention, q, kc, vc, table, qsl, lens, scale)
+        err = rep.check(f"fp8 prefill {chunks}", got, want, FP8_TOL)
+        ms = bench(lambda: prefill_attention.paged_prefill_attention(q, kc, vc, table, qsl, lens, scale))
+        rep.row("paged_prefill_attention fp8", " ".join(f"{c}+{n}" for c, n in chunks), ms,
+                int(lens.sum()) * HK * D * 2, err)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="skip the decode launch-config sweep")
@@ -204,11 +355,14 @@ def main():
     if not args.quick:
         sweep_decode(rep, 256, 1024, [None, 44], configs)
     bench_prefill(rep, [[(0, 2048)], [(3072, 512)] * 4, [(0, 512), (1024, 512), (3000, 300), (100, 1)]])
+    fp8_rope(rep, tokens=8192)
+    fp8_decode(rep, [(256, 1024, False), (512, 1100, True)], sm_count)
+    fp8_prefill(rep, [[(3072, 512)] * 4, [(0, 512), (1024, 512), (3000, 300), (100, 1)]])
 
     if rep.failures:
         print("\nFAILED checks:\n  " + "\n  ".join(rep.failures))
         sys.exit(1)
-    print("\nall checks passed (rel err < 1e-2)")
+    print(f"\nall checks passed (rel err < {TOL:g}; fp8 caches < {FP8_TOL:g})")
 
 
 if __name__ == "__main__":

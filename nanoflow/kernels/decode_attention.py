@@ -20,6 +20,13 @@ them). None launches one program per work item.
 `choose_num_splits`); the optional host hint `max_seq_len` stops it from splitting short contexts
 into empty pieces. seq_len 0 yields zeros (as the reference). `out` may be given (e.g. a slice of
 a persistent [R, Hq, D] buffer).
+
+FP8 KV cache (torch.float8_e4m3fn, scale 1.0): K / V tiles are loaded as fp8 (half the bytes) and
+widened to q's dtype in registers before the dot products (exact: every e4m3 value is a bf16 / fp16
+/ fp32 value), so the result is the reference's on the same cache. The widening is a constexpr branch
+on the cache's element type: 16/32-bit caches compile to the same code as before. The default tile
+size is q's (fp8: the same keys per tile, half the bytes; a larger block_n may pay off, see
+benchmarks/kernels_gpu.py, but the widened tiles need registers / shared memory of their own).
 """
 from __future__ import annotations
 
@@ -133,6 +140,8 @@ def _decode_split_kernel(
             kv_mask = valid[:, None] & d_mask
             k = tl.load(k_ptr + (page * stride_kb + slot * stride_ks + kvh * stride_kh)[:, None]
                         + offs_d[None, :], mask=kv_mask, other=0.0)
+            if k_ptr.dtype.element_ty == tl.float8e4nv:  # fp8 cache: widen in registers
+                k = k.to(q_ptr.dtype.element_ty)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
             # Each tile has >= 1 valid column, so m_new is finite after the first tile.
             s = tl.where(valid[None, :], s, float("-inf"))
@@ -142,6 +151,8 @@ def _decode_split_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr + (page * stride_vb + slot * stride_vs + kvh * stride_vh)[:, None]
                         + offs_d[None, :], mask=kv_mask, other=0.0)
+            if v_ptr.dtype.element_ty == tl.float8e4nv:
+                v = v.to(q_ptr.dtype.element_ty)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
         nonempty = l_i > 0.0
@@ -178,6 +189,13 @@ def _decode_merge_kernel(
         head = w % num_heads
         tl.store(out_ptr + r * stride_or + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
                  mask=offs_d < HEAD_DIM)
+
+
+def _check_cache_dtype(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """16/32-bit float caches, or fp8 e4m3 (widened to q's dtype in the kernel); K and V alike."""
+    ok = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+    if k_cache.dtype not in ok or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"unsupported KV cache dtypes {k_cache.dtype} / {v_cache.dtype}")
 
 
 def _grid(num_work: int, max_programs: int | None) -> tuple[int]:
@@ -228,6 +246,7 @@ def paged_decode_attention(
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or block_tables.stride(-1) != 1:
         raise ValueError("KV cache head dim and block_tables rows must be contiguous")
     sm_count = num_sms(q.device)
+    _check_cache_dtype(k_cache, v_cache)
     cfg = config or default_config(max_programs, sm_count, head_dim, q.element_size())
     group = num_heads // num_kv_heads
     if num_splits is None:

@@ -36,6 +36,14 @@ Variants (config.variant), the same function:
   masked); ~60-80 warp instructions per KB at tile 128 (SASS of triton 3.6 for sm_90).
 * "hm" (heads as M; the round-4 kernel): [HB, 16, D] query rows (G real rows padded to 16), batched
   dots with K / V loaded from shared memory into registers (mma.sync).
+
+FP8 KV cache (torch.float8_e4m3fn, scale 1.0), both variants: K / V tiles are staged as fp8 (half
+the bytes) and widened to q's dtype in registers before the dots (exact, so the same function as the
+reference on the same cache). For "tm" that means the wgmma no longer reads K / V^T straight from the
+cp.async buffer: Triton stages the widened tiles (registers, and shared memory for the wgmma operand
+it wants there), correctness first; a native fp8 wgmma (q cast to e4m3) would change the function.
+The widening is a constexpr branch on the cache's element type: 16/32-bit caches compile as before.
+Default tile sizes are q's (fp8: the same tokens per tile, half the staged bytes).
 """
 from __future__ import annotations
 
@@ -286,6 +294,9 @@ def _decode_tm_kernel(
             k = tl.load(k_ptr + k_off, mask=col_ok[None, :], other=0.0, eviction_policy="evict_first")
             v = tl.load(v_ptr + v_off, mask=tok_ok[:, None] & col_ok[None, :], other=0.0,
                         eviction_policy="evict_first")
+        if k_ptr.dtype.element_ty == tl.float8e4nv:  # fp8 cache: widen in registers (see module doc)
+            k = k.to(q_ptr.dtype.element_ty)
+            v = v.to(q_ptr.dtype.element_ty)
         if OFF32:
             q_item = r * stride_qr + head0 * GROUP * stride_qh
         else:
@@ -398,6 +409,9 @@ def _decode_hm_kernel(
                     mask=kv_mask, other=0.0, eviction_policy="evict_first")
         v = tl.load(v_ptr + page3 * stride_vb + slot * stride_vs + head0 * stride_vh + v_cols,
                     mask=kv_mask, other=0.0, eviction_policy="evict_first")
+        if k_ptr.dtype.element_ty == tl.float8e4nv:  # fp8 cache: widen in registers
+            k = k.to(q_ptr.dtype.element_ty)
+            v = v.to(q_ptr.dtype.element_ty)
         q = tl.load(q_ptr + r.to(tl.int64) * stride_qr + head0 * GROUP * stride_qh + q_rows,
                     mask=row_mask, other=0.0)
         # A new item starts from an empty softmax state.
@@ -543,6 +557,9 @@ def paged_decode_attention(
         raise ValueError("KV cache head dim and block_tables rows must be contiguous")
     if seq_lens.stride(0) != 1:
         seq_lens = seq_lens.contiguous()
+    ok = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+    if k_cache.dtype not in ok or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"unsupported KV cache dtypes {k_cache.dtype} / {v_cache.dtype}")
     cfg = config or default_config(head_dim, q.element_size())
     hb = _heads_per_item(cfg.heads_per_item, num_kv_heads)
     group = num_heads // num_kv_heads

@@ -21,6 +21,10 @@ no request and are not written. query_start_loc[R] <= T is required.
 `max_programs` caps the grid (persistent loop over work items, as in decode_attention). Work items are
 visited last tile first, so the tiles with the longest causal span start first. A request with no
 query rows is allowed. `out` may be given (e.g. a slice of a persistent [T, Hq, D] buffer).
+
+FP8 KV cache (torch.float8_e4m3fn, scale 1.0): K / V tiles are loaded as fp8 and widened to q's
+dtype in registers before the dot products (exact), a constexpr branch on the cache's element type;
+16/32-bit caches compile to the same code as before. Tile sizes are q's.
 """
 from __future__ import annotations
 
@@ -81,6 +85,8 @@ def _attend_tile(acc, m_i, l_i, next_page, q, k_ptr, v_ptr, bt_row, kv_off, n0, 
     kv_mask = valid[:, None] & d_mask[None, :]
     k = tl.load(k_ptr + (page * stride_kb + slot * stride_ks + kv_off)[:, None] + offs_d[None, :],
                 mask=kv_mask, other=0.0)
+    if k_ptr.dtype.element_ty == tl.float8e4nv:  # fp8 cache: widen in registers
+        k = k.to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
     if CAUSAL:
         s = tl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
@@ -90,6 +96,8 @@ def _attend_tile(acc, m_i, l_i, next_page, q, k_ptr, v_ptr, bt_row, kv_off, n0, 
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_ptr + (page * stride_vb + slot * stride_vs + kv_off)[:, None] + offs_d[None, :],
                 mask=kv_mask, other=0.0)
+    if v_ptr.dtype.element_ty == tl.float8e4nv:
+        v = v.to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i, next_page
 
@@ -203,6 +211,9 @@ def paged_prefill_attention(
         q = q.contiguous()
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or block_tables.stride(-1) != 1:
         raise ValueError("KV cache head dim and block_tables rows must be contiguous")
+    ok = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+    if k_cache.dtype not in ok or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"unsupported KV cache dtypes {k_cache.dtype} / {v_cache.dtype}")
     group = num_heads // num_kv_heads
     cfg = config or default_config(q.element_size())
     group_pad = triton.next_power_of_2(group)

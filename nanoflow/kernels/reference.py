@@ -75,9 +75,16 @@ def rope_and_cache_write(
     num_blocks, block_size = k_cache.shape[:2]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
-    k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slots] = k_rot[keep].to(k_cache.dtype)
-    v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+    k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slots] = _to_cache(k_rot[keep], k_cache.dtype)
+    v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slots] = _to_cache(v[keep], v_cache.dtype)
     return _into(q_rot, q_out)
+
+
+def _to_cache(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The cache's dtype; an fp8 (e4m3) cache saturates at +-448 like vLLM's scale-1.0 cast."""
+    if dtype == torch.float8_e4m3fn:
+        x = x.clamp(-448.0, 448.0)
+    return x.to(dtype)
 
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:

@@ -8,12 +8,39 @@ q, k, v may be strided views (e.g. column slices of the fused qkv output) as lon
 contiguous. A negative slot skips the cache write for that token (padding rows of a CUDA graph); the
 reference has no such case, callers that use the reference must not pass negative slots.
 `q_out` may be given (e.g. a slice of a persistent buffer).
+
+FP8 KV cache (k_cache / v_cache of dtype torch.float8_e4m3fn, scale 1.0): rotated k (rounded to k's
+dtype first, as the reference) and v are clamped to +-448 (saturating cast, never NaN) and rounded
+to nearest even on the e4m3 grid, i.e. exactly `x.clamp(-448, 448).to(torch.float8_e4m3fn)`. The
+rounding is done in fp32 arithmetic (`_round_e4m3`) before the cast, so the cast only sees exact
+e4m3 values: the result is bit-identical on the GPU and in Triton's interpreter (whose own fp8
+rounding is wrong: ties away from zero and a lost mantissa carry). Other cache dtypes: plain cast.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _round_e4m3(x):
+    """fp32 -> the nearest float8_e4m3fn value (ties to even; saturating at +-448), still in fp32.
+    Exact: the quantum 2^(e - 3) (e = max(exponent, -6): subnormals) is a power of two and the
+    rounding of x / quantum (|.| <= 16) to an integer is the fp32 add-and-subtract of 1.5 * 2^23."""
+    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    e = tl.maximum(((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+    quantum = ((e + 124) << 23).to(tl.float32, bitcast=True)  # 2^(e - 3)
+    r = (x / quantum + 12582912.0) - 12582912.0
+    return tl.where(r == 0.0, x * 0.0, r * quantum)  # x * 0.0 keeps the sign of zero
+
+
+@triton.jit
+def _to_cache(x, cache_ptr):
+    """Casts x to the cache's element type; fp8 e4m3 caches saturate and round to nearest even."""
+    if cache_ptr.dtype.element_ty == tl.float8e4nv:
+        x = _round_e4m3(x.to(tl.float32))
+    return x.to(cache_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -56,16 +83,18 @@ def _rope_cache_kernel(
         k1, k2, kmask = _rotate(k_ptr, t * stride_kt, stride_kh, num_kv_heads, offs_hk, offs_d, half,
                                 cos, sin)
         # Round to k's dtype first (the reference returns rotated k in k's dtype, then casts).
-        k1 = k1.to(k_ptr.dtype.element_ty).to(kc_ptr.dtype.element_ty)
-        k2 = k2.to(k_ptr.dtype.element_ty).to(kc_ptr.dtype.element_ty)
+        k1 = _to_cache(k1.to(k_ptr.dtype.element_ty), kc_ptr)
+        k2 = _to_cache(k2.to(k_ptr.dtype.element_ty), kc_ptr)
         kc = kc_ptr + blk * stride_kcb + off * stride_kcs + offs_hk[:, None] * stride_kch + offs_d[None, :]
         tl.store(kc, k1, mask=kmask)
         tl.store(kc + half, k2, mask=kmask)
         vsrc = v_ptr + t * stride_vt + offs_hk[:, None] * stride_vh + offs_d[None, :]
         vc = vc_ptr + blk * stride_vcb + off * stride_vcs + offs_hk[:, None] * stride_vch + offs_d[None, :]
-        tl.store(vc, tl.load(vsrc, mask=kmask, other=0.0).to(vc_ptr.dtype.element_ty), mask=kmask)
-        tl.store(vc + half, tl.load(vsrc + half, mask=kmask, other=0.0).to(vc_ptr.dtype.element_ty),
-                 mask=kmask)
+        tl.store(vc, _to_cache(tl.load(vsrc, mask=kmask, other=0.0), vc_ptr), mask=kmask)
+        tl.store(vc + half, _to_cache(tl.load(vsrc + half, mask=kmask, other=0.0), vc_ptr), mask=kmask)
+
+
+_CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -102,6 +131,8 @@ def rope_and_cache_write(
     q, k, v, cos_sin = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(cos_sin)
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("KV cache head dim must be contiguous")
+    if k_cache.dtype not in _CACHE_DTYPES or v_cache.dtype not in _CACHE_DTYPES:
+        raise ValueError(f"unsupported KV cache dtype {k_cache.dtype} / {v_cache.dtype}")
     kc, vc = k_cache, v_cache
     half = head_dim // 2
     _rope_cache_kernel[(num_tokens,)](

@@ -1,6 +1,7 @@
 """Shared helpers of the kernel tests (a uniquely named module: test dirs have no __init__.py)."""
 import os
 
+import pytest
 import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -21,8 +22,35 @@ def same_rounding(dtype: torch.dtype) -> dict:
     return dict(atol=0, rtol=0)
 
 
+def fp8_rope_k_tolerance(dtype: torch.dtype) -> dict:
+    """Tolerance of rotated k written to an fp8 e4m3 cache: at most one fp8 step (2^-3 relative,
+    2^-9 absolute at subnormals) where the kernel's k (before the fp8 cast) differs from torch's by
+    an ulp of k's dtype. fp32 k in the interpreter (numpy fp32, same op order) is exact."""
+    if dtype == torch.float32 and os.environ.get("TRITON_INTERPRET") == "1":
+        return dict(atol=0, rtol=0)
+    return dict(atol=2.0**-9, rtol=0.125)
+
+
 def randn(gen: torch.Generator, *shape: int, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
+
+
+FP8 = torch.float8_e4m3fn
+
+# Triton's interpreter holds bf16 as uint16 in numpy, so tl.dot on bf16 operands is meaningless
+# there (the existing attention tests use fp32 / fp16 q for that reason). bf16-q attention cases run
+# on the GPU only (pytest on a CUDA machine, and benchmarks/kernels_gpu.py).
+skip_bf16_dot_in_interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available(),
+    reason="Triton's interpreter cannot tl.dot bf16 (numpy has no bf16); checked on the GPU")
+
+
+def attention_dtypes() -> list:
+    """q dtypes of the fp8-cache attention tests: bf16 only where tl.dot can run it."""
+    return [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=skip_bf16_dot_in_interpreter)]
+
+
+
 
 
 def make_paged_cache(gen, seq_lens, block_size, num_kv_heads, head_dim, dtype, spare_blocks=3):
@@ -38,6 +66,7 @@ def make_paged_cache(gen, seq_lens, block_size, num_kv_heads, head_dim, dtype, s
         table[r, :nb] = perm[used:used + nb].to(torch.int32)
         used += nb
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    # fp8 caches: randn in fp32, then the saturating cast (values stay well inside +-448).
     k_cache = randn(gen, *shape, dtype=dtype)
     v_cache = randn(gen, *shape, dtype=dtype)
     return k_cache, v_cache, table.to(DEVICE)

@@ -6,7 +6,7 @@ try:
 except ImportError:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-from kernel_helpers import DEVICE, TOLERANCES, make_paged_cache, randn
+from kernel_helpers import DEVICE, FP8, TOLERANCES, attention_dtypes, make_paged_cache, randn
 
 from nanoflow.kernels import decode_attention, reference
 
@@ -14,8 +14,11 @@ from nanoflow.kernels import decode_attention, reference
 SEQ_LENS = [1, 7, 16, 33, 70, 128]
 
 
-def run_case(gen, *, hq, hk, head_dim, block_size, dtype, seq_lens=SEQ_LENS, **kwargs):
-    k_cache, v_cache, table = make_paged_cache(gen, seq_lens, block_size, hk, head_dim, dtype)
+def run_case(gen, *, hq, hk, head_dim, block_size, dtype, seq_lens=SEQ_LENS, cache_dtype=None,
+             **kwargs):
+    """cache_dtype: the KV cache's dtype (None: q's; FP8: the reference reads the same fp8 cache)."""
+    k_cache, v_cache, table = make_paged_cache(gen, seq_lens, block_size, hk, head_dim,
+                                               cache_dtype or dtype)
     q = randn(gen, len(seq_lens), hq, head_dim, dtype=dtype)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     scale = head_dim ** -0.5
@@ -74,3 +77,25 @@ def test_decode_rejects_bad_arguments(gen):
     with pytest.raises(ValueError, match="max_programs"):
         decode_attention.paged_decode_attention(randn(gen, 1, 4, 32), k_cache, v_cache, table, lens, 1.0,
                                                 max_programs=0)
+
+
+@pytest.mark.parametrize("dtype", attention_dtypes())
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("max_programs", [None, 5])
+def test_decode_fp8_cache(gen, dtype, num_splits, max_programs):
+    """float8_e4m3fn caches: K / V widened to q's dtype in the kernel; the same function as the
+    reference on the same fp8 cache, to q's dtype's tolerance."""
+    run_case(gen, hq=8, hk=2, head_dim=64, block_size=16, dtype=dtype, cache_dtype=FP8,
+             num_splits=num_splits, max_programs=max_programs)
+
+
+def test_decode_fp8_cache_block_n_16(gen):
+    run_case(gen, hq=4, hk=2, head_dim=32, block_size=32, dtype=torch.float16, cache_dtype=FP8,
+             num_splits=2, config=decode_attention.DecodeConfig(block_n=16))
+
+
+def test_decode_rejects_fp8_e5m2_cache(gen):
+    k_cache, v_cache, table = make_paged_cache(gen, [4], 16, 2, 32, torch.float8_e5m2)
+    lens = torch.tensor([4], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="cache dtype"):
+        decode_attention.paged_decode_attention(randn(gen, 1, 4, 32), k_cache, v_cache, table, lens, 1.0)

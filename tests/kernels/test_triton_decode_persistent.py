@@ -8,7 +8,7 @@ try:
 except ImportError:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-from kernel_helpers import DEVICE, TOLERANCES, make_paged_cache, randn
+from kernel_helpers import DEVICE, FP8, TOLERANCES, attention_dtypes, make_paged_cache, randn
 
 from nanoflow.kernels import decode_attention_persistent as dap
 from nanoflow.kernels import reference
@@ -24,9 +24,11 @@ def small(variant, tile_n=16, heads_per_item=None):
 
 
 def run_case(gen, *, hq, hk, head_dim=32, block_size=16, dtype=torch.float32, seq_lens=SEQ_LENS,
-             num_programs=4, config=None):
-    """config None: default_config(...)."""
-    k_cache, v_cache, table = make_paged_cache(gen, seq_lens, block_size, hk, head_dim, dtype)
+             num_programs=4, config=None, cache_dtype=None):
+    """config None: default_config(...). cache_dtype None: q's; FP8: the reference reads the same
+    fp8 cache."""
+    k_cache, v_cache, table = make_paged_cache(gen, seq_lens, block_size, hk, head_dim,
+                                               cache_dtype or dtype)
     q = randn(gen, len(seq_lens), hq, head_dim, dtype=dtype)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     scale = head_dim ** -0.5
@@ -99,6 +101,21 @@ def test_empty_context_and_head_dim_not_pow2(gen, variant):
     """seq_len 0 gives zeros (as the reference); D=48 pads to 64 lanes."""
     run_case(gen, hq=4, hk=2, head_dim=48, seq_lens=[0, 3, 0, 40], num_programs=3,
              config=small(variant))
+
+
+@pytest.mark.parametrize("variant", dap.VARIANTS)
+@pytest.mark.parametrize("dtype", attention_dtypes())
+@pytest.mark.parametrize("num_programs", [1, 3])
+def test_fp8_cache(gen, variant, dtype, num_programs):
+    """float8_e4m3fn caches (K / V widened to q's dtype in the kernel), with items cut across
+    programs, GQA 4 and two heads per item."""
+    run_case(gen, hq=8, hk=2, dtype=dtype, cache_dtype=FP8, num_programs=num_programs,
+             config=small(variant, heads_per_item=None))
+
+
+@pytest.mark.parametrize("dtype", attention_dtypes())
+def test_fp8_cache_default_config(gen, dtype):
+    run_case(gen, hq=8, hk=2, head_dim=64, dtype=dtype, cache_dtype=FP8, num_programs=3, config=None)
 
 
 def test_default_config_sizes():

@@ -6,7 +6,7 @@ try:
 except ImportError:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-from kernel_helpers import DEVICE, TOLERANCES, make_paged_cache, randn
+from kernel_helpers import DEVICE, FP8, TOLERANCES, attention_dtypes, make_paged_cache, randn
 
 from nanoflow.kernels import prefill_attention, reference
 
@@ -16,10 +16,13 @@ from nanoflow.kernels import prefill_attention, reference
 CHUNKS = [(0, 5), (20, 7), (3, 33), (0, 1), (45, 16), (17, 1), (62, 3), (63, 2)]
 
 
-def run_case(gen, *, hq, hk, head_dim, block_size, dtype, chunks=CHUNKS, first_row=0, **kwargs):
-    """first_row > 0: rows of q before query_start_loc[0] belong to no request (left untouched)."""
+def run_case(gen, *, hq, hk, head_dim, block_size, dtype, chunks=CHUNKS, first_row=0,
+             cache_dtype=None, **kwargs):
+    """first_row > 0: rows of q before query_start_loc[0] belong to no request (left untouched).
+    cache_dtype: the KV cache's dtype (None: q's; FP8: the reference reads the same fp8 cache)."""
     seq_lens = [c + n for c, n in chunks]
-    k_cache, v_cache, table = make_paged_cache(gen, seq_lens, block_size, hk, head_dim, dtype)
+    k_cache, v_cache, table = make_paged_cache(gen, seq_lens, block_size, hk, head_dim,
+                                               cache_dtype or dtype)
     starts = [first_row]
     for _, n in chunks:
         starts.append(starts[-1] + n)
@@ -73,3 +76,17 @@ def test_prefill_rejects_bad_query_start_loc(gen):
     with pytest.raises(ValueError, match="query_start_loc"):
         prefill_attention.paged_prefill_attention(randn(gen, 4, 2, 32), k_cache, v_cache, table,
                                                   torch.tensor([0], device=DEVICE), lens, 1.0)
+
+
+@pytest.mark.parametrize("dtype", attention_dtypes())
+@pytest.mark.parametrize("hq,hk", [(4, 2), (6, 2)])
+def test_prefill_fp8_cache(gen, dtype, hq, hk):
+    """float8_e4m3fn caches: K / V widened to q's dtype in the kernel; the same function as the
+    reference on the same fp8 cache, to q's dtype's tolerance."""
+    run_case(gen, hq=hq, hk=hk, head_dim=32, block_size=16, dtype=dtype, cache_dtype=FP8,
+             chunks=[(0, 5), (20, 7), (62, 3), (3, 33)])
+
+
+def test_prefill_fp8_cache_capped_grid(gen):
+    run_case(gen, hq=4, hk=1, head_dim=64, block_size=8, dtype=torch.float16, cache_dtype=FP8,
+             chunks=[(70, 9), (0, 20)], max_programs=3)
