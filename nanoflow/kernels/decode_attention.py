@@ -202,6 +202,27 @@ def _grid(num_work: int, max_programs: int | None) -> tuple[int]:
     return (num_work if max_programs is None else max(1, min(num_work, max_programs)),)
 
 
+def check_decode_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_tables: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shapes and strides both decode kernels need; returns (q with a contiguous head dim, out)."""
+    num_requests, num_heads, head_dim = q.shape
+    num_kv_heads, cache_dim = k_cache.shape[2], k_cache.shape[3]
+    if cache_dim != head_dim or v_cache.shape != k_cache.shape:
+        raise ValueError(f"cache shape {tuple(k_cache.shape)} / {tuple(v_cache.shape)} does not "
+                         f"match q head_dim {head_dim}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num q heads {num_heads} is not a multiple of num kv heads {num_kv_heads}")
+    if out is None:
+        out = torch.empty((num_requests, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError("out must match q's shape and dtype with a contiguous head dim")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or block_tables.stride(-1) != 1:
+        raise ValueError("KV cache head dim and block_tables rows must be contiguous")
+    return q, out
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -224,27 +245,15 @@ def paged_decode_attention(
     max_seq_len: optional host-side upper bound of seq_lens, only used by the split heuristic.
     config: tile size / warps / stages; None = default_config(...).
     """
-    num_requests, num_heads, head_dim = q.shape
-    num_blocks, block_size, num_kv_heads, cache_dim = k_cache.shape
-    if cache_dim != head_dim or v_cache.shape != k_cache.shape:
-        raise ValueError(f"cache shape {tuple(k_cache.shape)} / {tuple(v_cache.shape)} does not "
-                         f"match q head_dim {head_dim}")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num q heads {num_heads} is not a multiple of num kv heads {num_kv_heads}")
     if max_programs is not None and max_programs < 1:
         raise ValueError(f"max_programs must be >= 1, got {max_programs}")
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    if out is None:
-        out = torch.empty((num_requests, num_heads, head_dim), dtype=q.dtype, device=q.device)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
-        raise ValueError("out must match q's shape and dtype with a contiguous head dim")
+    q, out = check_decode_args(q, k_cache, v_cache, block_tables, out)
+    num_requests, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     if num_requests == 0:
         return out
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or block_tables.stride(-1) != 1:
-        raise ValueError("KV cache head dim and block_tables rows must be contiguous")
     sm_count = num_sms(q.device)
     _check_cache_dtype(k_cache, v_cache)
     cfg = config or default_config(max_programs, sm_count, head_dim, q.element_size())

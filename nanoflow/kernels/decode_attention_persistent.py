@@ -53,6 +53,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanoflow.kernels.decode_attention import check_decode_args
+
 _SCAN = 1024          # requests per vector step of the in-kernel length scan
 _MERGE_PROGRAMS = 16  # partials combined per vector step of the merge kernel
 VARIANTS = ("tm", "hm")
@@ -538,23 +540,11 @@ def paged_decode_attention(
     """
     if num_programs < 1:
         raise ValueError(f"num_programs must be >= 1, got {num_programs}")
+    q, out = check_decode_args(q, k_cache, v_cache, block_tables, out)
     num_requests, num_heads, head_dim = q.shape
-    num_blocks, block_size, num_kv_heads, cache_dim = k_cache.shape
-    if cache_dim != head_dim or v_cache.shape != k_cache.shape:
-        raise ValueError(f"cache shape {tuple(k_cache.shape)} / {tuple(v_cache.shape)} does not "
-                         f"match q head_dim {head_dim}")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num q heads {num_heads} is not a multiple of num kv heads {num_kv_heads}")
-    if out is None:
-        out = torch.empty((num_requests, num_heads, head_dim), dtype=q.dtype, device=q.device)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
-        raise ValueError("out must match q's shape and dtype with a contiguous head dim")
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     if num_requests == 0:
         return out
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or block_tables.stride(-1) != 1:
-        raise ValueError("KV cache head dim and block_tables rows must be contiguous")
     if seq_lens.stride(0) != 1:
         seq_lens = seq_lens.contiguous()
     ok = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
