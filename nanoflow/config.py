@@ -87,7 +87,8 @@ class EngineConfig:
             return _DTYPES[self.dtype]
         if device.type == "cpu":
             return torch.float32
-        return _DTYPES.get(model_dtype or "bfloat16", torch.bfloat16) if model_dtype != "float32" else torch.bfloat16
+        checkpoint = _DTYPES.get(model_dtype or "", torch.bfloat16)
+        return torch.bfloat16 if checkpoint == torch.float32 else checkpoint  # fp32 checkpoints serve in bf16
 
     def resolved_kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         return model_dtype if self.kv_cache_dtype == "auto" else torch.float8_e4m3fn

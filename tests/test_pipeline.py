@@ -13,7 +13,7 @@ from nanoflow import LLM, SamplingParams
 from nanoflow.models.llama import LlamaForCausalLM
 from nanoflow.models.presets import PRESETS
 from nanoflow.pipeline.executor import make_executor, synthetic_batch
-from nanoflow.pipeline.plan import SEQUENTIAL, Plan, load_plan
+from nanoflow.pipeline.plan import Plan, load_plan
 from tests.tiny_checkpoints import make_checkpoint
 
 OPS = ["input_norm", "qkv_gemm", "rope_kv_write", "decode_attn", "prefill_attn", "o_gemm", "post_norm",
@@ -138,4 +138,3 @@ def test_every_plan_gives_the_sequential_tokens(ckpt, tmp_path):
     plans.append(str(path))
     for plan in plans:
         assert _greedy(ckpt, plan, prompts, 24) == reference, plan
-    assert SEQUENTIAL.name == "sequential"

@@ -19,7 +19,7 @@ from nanoflow.engine.sampler import Sampler, SamplingBatch, make_generator
 from nanoflow.engine.scheduler import Scheduler, SchedulerConfig
 from nanoflow.kernels import reference as reference_kernels
 from nanoflow.kernels import select_kernels
-from nanoflow.models.loader import load_model, load_tokenizer
+from nanoflow.models.loader import load_model, load_tokenizer, resolve_model_source
 from nanoflow.pipeline.executor import make_executor
 from nanoflow.pipeline.plan import resolve_plan
 from nanoflow.outputs import CompletionOutput, Logprob, RequestOutput
@@ -83,13 +83,15 @@ class _Group:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, stream_text: bool = True):
-        """stream_text: keep each output's text current every step (for streaming); otherwise text is
-        decoded when a sequence finishes (cheaper for offline batches), except for stop strings."""
+        """stream_text: step() returns every advanced request with its text current (for streaming);
+        otherwise it returns finished requests only, their text decoded once at the end (cheaper for
+        offline batches; stop strings are still checked token by token)."""
         self.config = config or EngineConfig()
         self.stream_text = stream_text
         self.device = self.config.resolved_device()
-        torch.manual_seed(self.config.seed)
-        self.model, self.source = load_model(self.config, self.device, self._dtype())
+        source = resolve_model_source(self.config)
+        dtype = self.config.resolved_dtype(self.device, source.model_config.torch_dtype)
+        self.model, self.source = load_model(self.config, self.device, dtype, source)
         self.model_config = self.source.model_config
         self.model.kernels = select_kernels(self.config.use_triton, self.device)
         self.tokenizer = load_tokenizer(self.source)
@@ -115,11 +117,6 @@ class LLMEngine:
         self._gpu_timeline: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
         self.step_times: list[tuple[float, float, int]] = []
         """(start_s, end_s, num_tokens) of every step, for benchmarks."""
-
-    def _dtype(self) -> torch.dtype:
-        from nanoflow.models.loader import resolve_model_source
-        model_dtype = resolve_model_source(self.config).model_config.torch_dtype
-        return self.config.resolved_dtype(self.device, model_dtype)
 
     def _eos_ids(self) -> list[int]:
         ids = list(self.model_config.eos_token_ids)
@@ -259,7 +256,8 @@ class LLMEngine:
             parent = self._parent_id(seq)
             if parent in self._groups:
                 touched[parent] = self._groups[parent]
-        return [self._make_output(g) for g in touched.values()]
+        # Offline callers read only finished requests: skip copying every running request's tokens.
+        return [self._make_output(g) for g in touched.values() if self.stream_text or self._done(g)]
 
     def _accept_token(self, seq: Request, token: int, row: int, chosen_lp, top_lp, top_ids) -> None:
         st: _SeqState = seq.engine_state
@@ -294,6 +292,10 @@ class LLMEngine:
     def _parent_id(seq: Request) -> str:
         return seq.request_id.rsplit("#", 1)[0] if seq.params.n > 1 else seq.request_id
 
+    @staticmethod
+    def _done(group: _Group) -> bool:
+        return all(s.status.finished and not s.num_pending_tokens for s in group.seqs)
+
     def _make_output(self, group: _Group) -> RequestOutput:
         outputs = []
         for i, seq in enumerate(group.seqs):
@@ -310,7 +312,7 @@ class LLMEngine:
                 cumulative_logprob=st.cumulative_logprob if st.logprobs is not None else None,
                 logprobs=st.logprobs, finish_reason=seq.status.value if finished else None,
                 stop_reason=seq.stop_reason))
-        done = all(s.status.finished and not s.num_pending_tokens for s in group.seqs)
+        done = self._done(group)
         if done:
             self._groups.pop(group.request_id, None)
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outputs, done)
