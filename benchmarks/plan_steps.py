@@ -1,4 +1,4 @@
-"""Plans against each other on the same dense batches: llama-3-8b dummy, constant 1024:512 requests,
+"""Plans against each other on the same dense batches: llama-3-8b dummy, constant IN:OUT requests,
 device time per step (CUDA events) at a prefill-heavy phase and a decode-only phase, plans alternated
 step by step so drift hits all alike. Run on the device machine.
 
@@ -22,7 +22,10 @@ from nanoflow.pipeline.plan import load_plan  # noqa: E402
 
 
 def materialise(spec: str, tmp: Path) -> str:
-    """'overlap-2:dec=44:gemm=88' -> a plan file with those SM budgets on decode_attn / the GEMMs."""
+    """A base plan with modifiers, e.g. 'overlap-2:dec=44:gemm=88' (SM budgets of decode_attn / the
+    GEMMs: the persistent kernels), 'overlap-2:split=64' (green-context split: the second stream on
+    64 SMs, the first on the rest; 'split=64:first=all' leaves the first on all SMs), 'cut=0.6'
+    (every decode cut at 0.6), 'share=0.4' (min_attn_share)."""
     base, *mods = spec.split(":")
     if not mods:
         return spec
@@ -30,6 +33,23 @@ def materialise(spec: str, tmp: Path) -> str:
     plan["name"] = spec
     for mod in mods:
         key, value = mod.split("=")
+        if key == "split":
+            plan["sm_split"] = int(value)
+            plan["streams"][0]["sms"] = "rest"
+            plan["streams"][1]["sms"] = "split"
+            continue
+        if key == "first":
+            plan["streams"][0]["sms"] = value
+            continue
+        if key == "share":
+            plan["min_attn_share"] = float(value)
+            continue
+        if key == "cut":
+            for op in plan["ops"].values():
+                for cut in op.get("cuts", []):
+                    if cut["of"] == "decode":
+                        cut["at"] = float(value)
+            continue
         names = ["decode_attn"] if key == "dec" else ["qkv_gemm", "o_gemm", "gate_up_gemm", "down_gemm"]
         for name in names:
             plan["ops"].setdefault(name, {"stream": plan["streams"][0]["name"]})["sm_budget"] = int(value)
@@ -53,6 +73,8 @@ def main() -> None:
     ap.add_argument("--phases", default="60,380")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=1200)
+    ap.add_argument("--input-len", type=int, default=1024)
+    ap.add_argument("--output-len", type=int, default=512)
     args = ap.parse_args()
     labels = args.plans.split(",")
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
@@ -62,8 +84,8 @@ def main() -> None:
     eng = llm.engine
     g = torch.Generator().manual_seed(0)
     for i in range(args.requests):
-        eng.add_request(str(i), torch.randint(10, 120000, (1024,), generator=g).tolist(),
-                        SamplingParams(max_tokens=512, ignore_eos=True))
+        eng.add_request(str(i), torch.randint(10, 120000, (args.input_len,), generator=g).tolist(),
+                        SamplingParams(max_tokens=args.output_len, ignore_eos=True))
     for plan in plans:  # compile every plan's kernels before measuring
         eng.set_plan(plan)
         eng.step()
@@ -80,7 +102,8 @@ def main() -> None:
                 times[plan].append(ms)
                 tokens[plan].append(n)
         base = statistics.median(times[plans[0]]) / statistics.median(tokens[plans[0]])
-        print(f"\n=== phase step {phase}: running {len(eng.scheduler.running)}")
+        print(f"\n=== phase step {phase}: running {len(eng.scheduler.running)}, "
+              f"waiting {len(eng.scheduler.waiting)}")
         print(f"{'plan':24s} {'tokens/step':>12s} {'ms/step':>9s} {'us/token':>9s} {'speedup':>8s}")
         for plan in plans:
             ms, n = statistics.median(times[plan]), statistics.median(tokens[plan])

@@ -55,12 +55,31 @@ def test_json_round_trip_and_builtin_plans(tmp_path, layer_ops):
     (lambda d: d["ops"]["decode_attn"].update(sm_budget=0), "sm_budget"),
     (lambda d: d.update(order=["qkv_gemm.0"]), "exactly once"),
     (lambda d: d.update(order=["qkv_gemm.0x"]), "order entry"),
+    (lambda d: d["streams"][1].update(sms="half"), "sms must be one of"),
+    (lambda d: d["streams"][1].update(sms="split"), "go together"),
+    (lambda d: d.update(sm_split=64), "go together"),
+    (lambda d: d.update(min_attn_share=1.5), "min_attn_share"),
 ])
 def test_invalid_plans_raise_clear_errors(layer_ops, mutate, message):
     d = two_stream_plan()
     mutate(d)
     with pytest.raises(ValueError, match=message):
         make_executor(Plan.from_dict(d), layer_ops, torch.device("cpu"))
+
+
+def test_sm_split_plans_round_trip_and_check_the_device(layer_ops):
+    d = load_plan("overlap-2").to_dict()
+    d.update(sm_split=64, min_attn_share=0.3)
+    d["streams"][0]["sms"], d["streams"][1]["sms"] = "rest", "split"
+    plan = Plan.from_dict(d)
+    assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    assert plan.uses_sm_split() and plan.applies(0.3) and not plan.applies(0.29)
+    names = [op.name for op in layer_ops]
+    plan.validate(names, num_sms=132)
+    with pytest.raises(ValueError, match="both sides"):
+        dataclasses.replace(plan, sm_split=132).validate(names, num_sms=132)
+    ex = make_executor(plan, layer_ops, torch.device("cpu"))  # CPU: ordinary nano-ops in issue order
+    assert not ex.is_sequential() and ex.partition is None
 
 
 def test_order_that_breaks_data_flow_is_rejected(layer_ops):
@@ -136,5 +155,45 @@ def test_every_plan_gives_the_sequential_tokens(ckpt, tmp_path):
     path = tmp_path / "mixed.json"
     path.write_text(json.dumps(mixed))
     plans.append(str(path))
+    split = load_plan("overlap-2").to_dict()
+    split.update(sm_split=8)
+    split["streams"][0]["sms"], split["streams"][1]["sms"] = "rest", "split"
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps(split))
+    plans.append(str(path))
     for plan in plans:
         assert _greedy(ckpt, plan, prompts, 24) == reference, plan
+
+
+def test_min_attn_share_runs_other_steps_sequentially(ckpt, tmp_path):
+    """A plan applies only to steps whose estimated decode-attention share reaches its threshold; the
+    others run sequentially. The tokens are the same either way."""
+    rng = random.Random(1)
+    prompts = [[rng.randrange(10, 500) for _ in range(rng.randrange(2, 30))] for _ in range(5)]
+    reference = _greedy(ckpt, "sequential", prompts, 24)
+    counts = {}
+    for share in (0.0, 0.5, 0.999):
+        d = load_plan("overlap-2").to_dict()
+        d["min_attn_share"] = share
+        path = tmp_path / f"share{share}.json"
+        path.write_text(json.dumps(d))
+        llm = LLM(model=str(ckpt), dtype="float32", device="cpu", num_kv_blocks=256, block_size=4,
+                  max_num_batched_tokens=24, plan=str(path))
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == reference
+        counts[share] = (llm.engine.stats().plan_steps, llm.engine.stats().num_steps)
+    assert counts[0.0][0] == counts[0.0][1] > 0
+    assert 0 < counts[0.5][0] < counts[0.5][1]  # prefill steps sequential, decode steps under the plan
+    assert counts[0.999][0] == 0
+
+
+def test_attention_share_grows_with_decode_context(ckpt):
+    llm = LLM(model=str(ckpt), dtype="float32", device="cpu", num_kv_blocks=64, block_size=4)
+    runner = llm.engine.runner
+    batch = synthetic_batch(decode=4, prefill=(12,))
+    shares = []
+    for ctx in (0, 40, 400):
+        batch.decode_context_tokens = ctx
+        shares.append(runner.attention_share(batch))
+    assert shares[0] == 0.0 and 0.0 < shares[1] < shares[2] < 1.0

@@ -127,6 +127,9 @@ class TimedRun:
     """llm.engine.stats() after the run."""
     gpu_idle: dict | None = None
     """Device busy vs. idle time between steps (CUDA events around each step), on CUDA."""
+    plan_steps: int | None = None
+    """Steps of this run under the (non-sequential) plan; the others ran sequentially because the
+    plan's min_attn_share did not apply. None when the engine does not count them."""
 
     def metrics(self, num_params: int) -> dict:
         """The figures BENCHMARKING.md asks for, as a flat dict."""
@@ -153,6 +156,7 @@ class TimedRun:
             "steps": None if self.steps is None else self.steps.to_dict(),
             "engine_stats": self.engine_stats,
             "gpu_idle": self.gpu_idle,
+            "plan_steps": self.plan_steps,
         }
 
 
@@ -290,6 +294,8 @@ def _timed_run(llm, plan: str, requests: list[BenchRequest], warmup: list[BenchR
     if device.type == "cuda":
         llm.engine.start_gpu_timeline()
     first_step = len(step_log) if step_log is not None else 0
+    runner = getattr(llm.engine, "runner", None)
+    plan_steps_before = getattr(runner, "plan_steps", None)
     synchronize(device)
     t0 = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=opts.use_tqdm)
@@ -305,6 +311,7 @@ def _timed_run(llm, plan: str, requests: list[BenchRequest], warmup: list[BenchR
         output_tokens=sum(len(c.token_ids) for o in outputs for c in o.outputs),
         expected_output_tokens=sum(r.output_len for r in requests),
         wall_s=wall, steps=steps, gemm=gemm, gpu_idle=gpu_idle,
+        plan_steps=None if plan_steps_before is None else runner.plan_steps - plan_steps_before,
         engine_stats=dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else None)
 
 
@@ -373,6 +380,10 @@ def format_table(result: dict) -> str:
     if idle:
         out.append(f"GPU idle between steps: {100 * idle['idle_fraction']:.1f}% of the run "
                    f"(mean gap {idle['mean_idle_gap_ms']:.3f} ms over {idle['steps']} steps; CUDA events)")
+    for run in (result, result.get("compare")):
+        if run is not None and run.get("plan_steps") and run.get("steps"):
+            out.append(f"plan {run['plan']!r} ran on {run['plan_steps']} of {run['steps']['num_steps']} steps "
+                       "(the others sequentially: min_attn_share)")
     if result.get("compare") is not None:
         out.append(f"plan ratio {result['plan']!r} / {result['compare']['plan']!r}: {result['compare']['ratio']:.3f}x")
     if base is not None:

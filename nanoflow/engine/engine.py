@@ -41,6 +41,8 @@ class EngineStats:
     kv_blocks_total: int
     last_step_time_s: float
     num_steps: int
+    plan_steps: int = 0
+    """Steps run under the (non-sequential) plan; the others ran sequentially (Plan.min_attn_share)."""
 
 
 @dataclass
@@ -352,7 +354,8 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         last = self.step_times[-1][1] - self.step_times[-1][0] if self.step_times else 0.0
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting),
-                           self.kv.pool.num_used, self.kv.pool.num_blocks, last, len(self.step_times))
+                           self.kv.pool.num_used, self.kv.pool.num_blocks, last, len(self.step_times),
+                           self.runner.plan_steps)
 
     def check_kv_invariant(self) -> None:
         self.scheduler.check_invariants()

@@ -31,6 +31,8 @@ class ForwardBatch:
     """Requests (= rows) with a single new token, first in the batch."""
     logits_indices: torch.Tensor
     """[S] rows whose next-token logits are needed (requests that sample this step)."""
+    decode_context_tokens: int = 0
+    """Host-side sum of the decode requests' context lengths: the KV rows decode attention reads."""
 
     @property
     def num_tokens(self) -> int:

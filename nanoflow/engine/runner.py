@@ -14,6 +14,10 @@ from nanoflow.pipeline.executor import PlanExecutor, make_executor
 
 # Room left for logits and sampler temporaries when sizing the KV cache on a GPU.
 _ACTIVATION_RESERVE_BYTES = 1 << 30
+# Rates that rank steps by their decode-attention share (H200-like: KV read at ~4 TB/s, GEMMs at
+# ~750 TFLOP/s). Only their ratio matters, and only to pick between a plan and sequential.
+_ATTN_BYTES_PER_S = 4.0e12
+_GEMM_FLOPS_PER_S = 7.5e14
 
 
 def kv_block_bytes(model: LlamaForCausalLM, block_size: int, kv_dtype: torch.dtype) -> int:
@@ -54,6 +58,10 @@ class ModelRunner:
                           for _ in range(cfg.num_hidden_layers)]
         self.workspace = model.new_workspace(token_budget)
         self.executor = executor or make_executor(None, self.model.layers[0].ops, self.device)
+        self.sequential = make_executor(None, self.model.layers[0].ops, self.device)
+        self.kv_bytes_per_token = kv_block_bytes(model, kv.block_size, kv_dtype) // kv.block_size
+        self.plan_steps = 0
+        """Steps the (non-sequential) plan ran; the others ran sequentially (see Plan.min_attn_share)."""
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda":
             self.graphs = PiecewiseGraphs(model, self.workspace, self.kv_caches, token_budget)
@@ -96,6 +104,7 @@ class ModelRunner:
             query_start_loc_cpu=qsl.tolist(),
             num_decode=sched.num_decode,
             logits_indices=self._to_device(logits_indices, torch.long),
+            decode_context_tokens=int(seq_lens[:sched.num_decode].sum()),
         )
         if pending_source:
             # The placeholder is a request's last token; only chunks that reach it need it.
@@ -118,8 +127,20 @@ class ModelRunner:
         """Runs the model on the batch; returns fp32 logits of the rows in batch.logits_indices."""
         state = StepState(batch, self.workspace, self.kv_caches)
         self.model.embed(state)
-        if self.graphs is not None and self.executor.is_sequential() and self.graphs.can_run(batch):
+        executor = self.executor
+        if not executor.is_sequential():
+            if executor.applies(self.attention_share(batch)):
+                self.plan_steps += 1
+            else:
+                executor = self.sequential
+        if self.graphs is not None and executor.is_sequential() and self.graphs.can_run(batch):
             self.graphs.run_layers(state)
         else:
-            self.executor.run([layer.ops for layer in self.model.layers], state)
+            executor.run([layer.ops for layer in self.model.layers], state)
         return self.model.compute_logits(state)
+
+    def attention_share(self, batch: ForwardBatch) -> float:
+        """Estimated share of decode attention in the step's decode attention + GEMM time."""
+        attn = batch.decode_context_tokens * self.kv_bytes_per_token / _ATTN_BYTES_PER_S
+        gemm = 2 * batch.num_tokens * self.model.config.num_parameters() / _GEMM_FLOPS_PER_S
+        return attn / (attn + gemm) if attn + gemm > 0 else 0.0

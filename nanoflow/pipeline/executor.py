@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from nanoflow.pipeline.ops import Op, RowScope
+from nanoflow.pipeline import sm_partition
 from nanoflow.pipeline.plan import SEQUENTIAL, Plan
 
 
@@ -129,10 +131,10 @@ class PlanExecutor:
         self.name = plan.name
         self.device = device
         self.stream_index = {s.name: i for i, s in enumerate(plan.streams)}
-        self.streams: list[torch.cuda.Stream] | None = None
-        if device.type == "cuda":  # stream 0 is the caller's stream; the others get their priority
-            self.streams = [None] + [torch.cuda.Stream(device=device, priority=s.priority)
-                                     for s in plan.streams[1:]]
+        self.partition: sm_partition.SmPartition | None = None
+        self.streams: list[torch.cuda.Stream | None] | None = None
+        if device.type == "cuda":
+            self.streams = self._make_streams(plan, device)
         self.order = plan.issue_order(op_names)
         self.record_timeline = False
         """When set, the next runs time every nano-op (CUDA events / host clock): see timeline()."""
@@ -140,9 +142,35 @@ class PlanExecutor:
         # Reject an order that breaks the data flow now, not mid-serving: try it on a small batch.
         self.build([layer_ops, layer_ops, layer_ops], synthetic_batch())
 
+    def _make_streams(self, plan: Plan, device: torch.device) -> list[torch.cuda.Stream | None]:
+        """None (the caller's stream) for the first stream on all SMs; a partition's stream for a
+        stream on 'split' / 'rest' SMs; a new stream with its priority otherwise."""
+        if plan.uses_sm_split():
+            if sm_partition.available(device):
+                prio = {s.sms: s.priority for s in plan.streams if s.sms != "all"}
+                self.partition = sm_partition.split_sms(device, plan.sm_split,
+                                                        (prio.get("split", 0), prio.get("rest", 0)))
+            else:
+                warnings.warn(f"plan {plan.name!r}: no CUDA green contexts here (cuda-python missing or "
+                              "too old); its streams share all SMs", stacklevel=3)
+        streams = []
+        for i, s in enumerate(plan.streams):
+            if self.partition is not None and s.sms != "all":
+                streams.append(self.partition.streams[0 if s.sms == "split" else 1])
+            elif i == 0:
+                streams.append(None)
+            else:
+                streams.append(torch.cuda.Stream(device=device, priority=s.priority))
+        return streams
+
     def is_sequential(self) -> bool:
         return len(self.plan.streams) == 1 and all(
-            not o.cuts and o.sm_budget is None for o in self.plan.ops.values()) and self.plan.order is None
+            not o.cuts and o.sm_budget is None for o in self.plan.ops.values()) and (
+            self.plan.order is None and not self.plan.uses_sm_split())
+
+    def applies(self, attn_share: float) -> bool:
+        """Whether a step whose decode attention is this share of it runs under the plan."""
+        return self.plan.applies(attn_share)
 
     def build(self, layers_ops: list[list[Op]], batch) -> list[NanoOp]:
         """The step's nano-ops in issue order, with their cross-stream dependencies."""
@@ -220,9 +248,10 @@ class PlanExecutor:
 
     def _run_cuda(self, rounds: list[list[NanoOp]], layers_ops: list[list[Op]], state) -> None:
         main = torch.cuda.current_stream(self.device)
-        streams = [main] + self.streams[1:]
+        streams = [main if s is None else s for s in self.streams]
+        side = [s for i, s in enumerate(streams) if s is not main and s not in streams[:i]]
         start = main.record_event()
-        for s in streams[1:]:
+        for s in side:
             s.wait_event(start)  # side streams see the batch tensors the main stream copied in
         # Events by (round, position in round); a template node's deps are (round delta, position).
         events: dict[tuple[int, int], torch.cuda.Event] = {}
@@ -247,7 +276,7 @@ class PlanExecutor:
         finally:
             torch.cuda.set_stream(main)
         state.sm_budget = None
-        for s in streams[1:]:
+        for s in side:
             main.wait_stream(s)
 
     def timeline(self) -> list[dict]:

@@ -18,6 +18,11 @@ start of that region (plans tuned for one dense batch size). `order` lists every
 "op.k"; a suffix "@-1" issues it with the next layer (nano-op k of layer l-1 goes in layer l's slot):
 that is how nano-batches of consecutive layers interleave. Ops absent from `ops` are one nano-op on the
 first stream; an absent `order` issues op by op.
+
+SM partitions: "sm_split": N with streams {"sms": "split"} / {"sms": "rest"} puts those streams'
+kernels on N SMs / the other SMs (one green-context split), so ordinary full-occupancy kernels
+overlap on disjoint SMs. "min_attn_share": f runs the plan only on steps where decode attention is
+at least that share of the step (estimated); the others run sequentially.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CUT_REGIONS = ("tokens", "decode", "prefill")
+SM_GROUPS = ("all", "split", "rest")
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,10 @@ class Stream:
     name: str
     priority: int = 0
     """CUDA stream priority: lower is higher priority (-1 = high on current GPUs)."""
+    sms: str = "all"
+    """SMs its kernels may use: 'all', or a side of the plan's SM split (CUDA green contexts):
+    'split' (the plan's sm_split SMs) or 'rest' (the others). Without green contexts (CPU, old
+    driver) it is an ordinary stream: the result is the same, only the overlap differs."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,19 @@ class Plan:
     streams: tuple[Stream, ...]
     ops: dict[str, OpPlan] = field(default_factory=dict)
     order: tuple[OrderEntry, ...] | None = None
+    sm_split: int | None = None
+    """SMs of the 'split' group when a stream runs on 'split' or 'rest' (the driver rounds it up to
+    its granularity, 8 SMs on Hopper)."""
+    min_attn_share: float = 0.0
+    """Run the plan only on steps whose decode attention is estimated at least this share of the
+    step's attention + GEMM time; other steps run sequentially. Overlap pays only where decode
+    attention is a large part of the step."""
+
+    def applies(self, attn_share: float) -> bool:
+        return attn_share >= self.min_attn_share
+
+    def uses_sm_split(self) -> bool:
+        return any(s.sms != "all" for s in self.streams)
 
     def op_plan(self, op_name: str) -> OpPlan:
         return self.ops.get(op_name, OpPlan(stream=self.streams[0].name))
@@ -93,6 +116,18 @@ class Plan:
         stream_names = [s.name for s in self.streams]
         if not stream_names or len(set(stream_names)) != len(stream_names):
             raise ValueError(f"plan {self.name!r}: streams must be non-empty and uniquely named")
+        for s in self.streams:
+            if s.sms not in SM_GROUPS:
+                raise ValueError(f"plan {self.name!r}: stream {s.name!r} sms must be one of {SM_GROUPS}, "
+                                 f"got {s.sms!r}")
+        if self.uses_sm_split() != (self.sm_split is not None):
+            raise ValueError(f"plan {self.name!r}: streams on 'split' / 'rest' SMs and sm_split go together "
+                             f"(sm_split={self.sm_split})")
+        if self.sm_split is not None and (self.sm_split < 1 or (num_sms and self.sm_split >= num_sms)):
+            raise ValueError(f"plan {self.name!r}: sm_split {self.sm_split} must leave SMs on both sides "
+                             f"(1..{num_sms - 1 if num_sms else 'device SMs - 1'})")
+        if not 0.0 <= self.min_attn_share < 1.0:
+            raise ValueError(f"plan {self.name!r}: min_attn_share {self.min_attn_share} must be in [0, 1)")
         for name, op in self.ops.items():
             if name not in op_names:
                 raise ValueError(f"plan {self.name!r}: unknown op {name!r} (ops: {', '.join(op_names)})")
@@ -117,8 +152,13 @@ class Plan:
     # ---- JSON ----------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         d: dict = {"name": self.name,
-                   "streams": [{"name": s.name, "priority": s.priority} for s in self.streams],
+                   "streams": [{"name": s.name, "priority": s.priority, **({"sms": s.sms} if s.sms != "all" else {})}
+                               for s in self.streams],
                    "ops": {}}
+        if self.sm_split is not None:
+            d["sm_split"] = self.sm_split
+        if self.min_attn_share:
+            d["min_attn_share"] = self.min_attn_share
         for name, op in self.ops.items():
             entry: dict = {"stream": op.stream or self.streams[0].name}
             if op.cuts:
@@ -135,7 +175,8 @@ class Plan:
     def from_dict(cls, d: dict) -> "Plan":
         if not isinstance(d, dict) or "name" not in d:
             raise ValueError("a plan is a JSON object with at least a 'name'")
-        streams = tuple(Stream(s["name"], int(s.get("priority", 0))) for s in d.get("streams", [{"name": "compute"}]))
+        streams = tuple(Stream(s["name"], int(s.get("priority", 0)), str(s.get("sms", "all")))
+                        for s in d.get("streams", [{"name": "compute"}]))
         ops = {}
         for name, o in d.get("ops", {}).items():
             cuts = tuple(_parse_cut(d["name"], name, c) for c in o.get("cuts", []))
@@ -145,7 +186,9 @@ class Plan:
         order = None
         if "order" in d:
             order = tuple(_parse_entry(d["name"], e) for e in d["order"])
-        return cls(d["name"], streams, ops, order)
+        split = d.get("sm_split")
+        return cls(d["name"], streams, ops, order, None if split is None else int(split),
+                   float(d.get("min_attn_share", 0.0)))
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
