@@ -80,6 +80,11 @@ def test_sm_split_plans_round_trip_and_check_the_device(layer_ops):
         dataclasses.replace(plan, sm_split=132).validate(names, num_sms=132)
     ex = make_executor(plan, layer_ops, torch.device("cpu"))  # CPU: ordinary nano-ops in issue order
     assert not ex.is_sequential() and ex.partition is None
+    budgeted = Plan.from_dict(two_stream_plan())
+    green = budgeted.with_sm_split(48)
+    assert green.sm_split == 48 and [s.sms for s in green.streams] == ["rest", "split"]
+    assert all(o.sm_budget is None for o in green.ops.values()) and green.order == budgeted.order
+    green.validate(names, num_sms=132)
 
 
 def test_order_that_breaks_data_flow_is_rejected(layer_ops):

@@ -166,6 +166,7 @@ def _tune(args: argparse.Namespace) -> int:
     phases["search"] = time.perf_counter() - t
     seq_cand = next(c for c in cands if c.mode == "sequential")
     chosen = pick_for_validation(cands, args.top_k)
+    chosen += _green_variants(engine, chosen)
     print(f"[tune] search: {len(cands)} distinct plans in {phases['search']:.1f} s; validating "
           f"{len(chosen)} + sequential" + ("" if args.no_hand_plans else " + hand plans"))
 
@@ -195,8 +196,8 @@ def _tune(args: argparse.Namespace) -> int:
               f"the auto plan (the search model misses something; see the profile summary)")
     plan = winner.plan
     if winner is not seq_cand:
-        from nanoflow.pipeline.plan import Plan
-        plan = Plan(f"{winner.name}@{wl.name}", plan.streams, plan.ops, plan.order)
+        import dataclasses
+        plan = dataclasses.replace(plan, name=f"{winner.name}@{wl.name}")
     meta = {"workload": args.workload, "workload_class": wl.to_dict(), "model": config.model,
             "candidate": winner.name, "structure": winner.structure, "mode": winner.mode,
             "memory_sm_budget": winner.side_budget, "cuts_rows": list(winner.cuts),
@@ -220,6 +221,28 @@ def _tune(args: argparse.Namespace) -> int:
     phases["total"] = time.perf_counter() - t_all
     print("[tune] time: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
     return 0
+
+
+def _green_variants(engine, chosen: list) -> list:
+    """Stage 2 with the other SM-limiting method: each candidate that gives its memory stream an SM
+    budget, again with that stream on a green-context split of as many SMs (the compute stream on
+    the rest) and full-occupancy kernels in place of the budgeted persistent ones. CUDA only."""
+    import dataclasses
+
+    from nanoflow.pipeline import sm_partition
+    if not sm_partition.available(engine.device):
+        return []
+    out, seen = [], set()
+    for c in chosen:
+        if c.side_budget is None or len(c.plan.streams) < 2 or c.plan.uses_sm_split():
+            continue
+        sms = -(-c.side_budget // 8) * 8  # the driver's granularity on Hopper
+        if (c.name, sms) in seen:
+            continue
+        seen.add((c.name, sms))
+        plan = c.plan.with_sm_split(sms)
+        out.append(dataclasses.replace(c, name=plan.name, plan=plan, mode="green", side_budget=sms))
+    return out
 
 
 def _hand_plans(engine) -> list[str]:

@@ -123,13 +123,14 @@ class ModelRunner:
         return t
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Runs the model on the batch; returns fp32 logits of the rows in batch.logits_indices."""
+    def forward(self, batch: ForwardBatch, force_plan: bool = False) -> torch.Tensor:
+        """Runs the model on the batch; returns fp32 logits of the rows in batch.logits_indices.
+        force_plan: run the plan even where its min_attn_share would run the step sequentially."""
         state = StepState(batch, self.workspace, self.kv_caches)
         self.model.embed(state)
         executor = self.executor
         if not executor.is_sequential():
-            if executor.applies(self.attention_share(batch)):
+            if force_plan or executor.applies(self.attention_share(batch)):
                 self.plan_steps += 1
             else:
                 executor = self.sequential

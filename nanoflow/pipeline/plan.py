@@ -26,6 +26,7 @@ at least that share of the step (estimated); the others run sequentially.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -102,6 +103,16 @@ class Plan:
 
     def uses_sm_split(self) -> bool:
         return any(s.sms != "all" for s in self.streams)
+
+    def with_sm_split(self, sms: int) -> "Plan":
+        """The plan with its first stream on the SMs left by a green-context split and its other
+        streams on `sms` SMs; per-op SM budgets dropped (ordinary kernels fill their partition)."""
+        if len(self.streams) < 2:
+            raise ValueError(f"plan {self.name!r}: an SM split needs at least two streams")
+        streams = tuple(dataclasses.replace(s, sms="rest" if i == 0 else "split")
+                        for i, s in enumerate(self.streams))
+        ops = {n: dataclasses.replace(o, sm_budget=None) for n, o in self.ops.items()}
+        return dataclasses.replace(self, name=f"{self.name}-split{sms}", streams=streams, ops=ops, sm_split=sms)
 
     def op_plan(self, op_name: str) -> OpPlan:
         return self.ops.get(op_name, OpPlan(stream=self.streams[0].name))
