@@ -45,12 +45,42 @@ def main():
     ap.add_argument("--splits", default="48,64")
     ap.add_argument("--requests", type=int, default=286)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--splitkv", default=None,
+                    help="only these split-KV configs, BLOCK_N/WARPS/STAGES/MAXNREG (0 = no cap), comma "
+                         "separated, also timed on the whole device; skips the other sections")
     args = ap.parse_args()
     q, kc, vc, table, lens, kv_bytes = decode_inputs(args.requests, 1024, 1400)
     scale = D ** -0.5
     want = split_kv.paged_decode_attention(q, kc, vc, table, lens, scale, max_seq_len=1400).clone()
     rows = []
     sink = torch.empty(4096, device=DEV, dtype=torch.float32)
+    if args.splitkv:
+        configs = []
+        for text in args.splitkv.split(","):
+            bn, w, st, regs = (int(x) for x in text.split("/"))
+            configs.append(split_kv.DecodeConfig(block_n=bn, num_warps=w, num_stages=st, max_registers=regs or None))
+        whole = torch.cuda.Stream()
+        print(f"{'config':<28}" + "".join(f"{'whole' if a == 0 else a:>8}" for a in [0] + [
+            int(x) for x in args.splits.split(",")]) + "   (GB/s)")
+        parts = [sm_partition.split_sms(DEV, int(x)) for x in args.splits.split(",")]
+        for cfg in configs:
+            fn = lambda c=cfg: split_kv.paged_decode_attention(q, kc, vc, table, lens, scale,  # noqa: E731
+                                                               max_seq_len=1400, config=c)
+            line = f"bn={cfg.block_n} w={cfg.num_warps} st={cfg.num_stages} regs={cfg.max_registers}"
+            cells = []
+            for stream in [whole] + [p.streams[0] for p in parts]:
+                try:
+                    with torch.cuda.stream(stream):
+                        err = (fn().float() - want.float()).abs().max().item()
+                    ms, _ = timed([(stream, fn)], args.reps)
+                    cells.append(kv_bytes / ms / 1e6)
+                    rows.append(dict(config=line, sms=None, gbs=cells[-1], err=err))
+                except Exception as exc:  # noqa: BLE001
+                    cells.append(float("nan"))
+                    print(f"  {line} failed: {str(exc).strip().splitlines()[-1][:100]}")
+            print(f"{line:<28}" + "".join(f"{c:8.0f}" for c in cells), flush=True)
+        Path(os.environ.get("OUT", "."), "decode_partition_splitkv.json").write_text(json.dumps(rows, indent=1))
+        return
     for a in [int(x) for x in args.splits.split(",")]:
         part = sm_partition.split_sms(DEV, a, priorities=(-1, 0))
         sa = part.streams[0]

@@ -4,6 +4,7 @@
 Prints a short table; exits non-zero on a mismatch."""
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 import time
@@ -14,6 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nanoflow import LLM, SamplingParams  # noqa: E402
+from nanoflow.pipeline.plan import load_plan  # noqa: E402
 from tests.tiny_checkpoints import make_checkpoint  # noqa: E402
 
 
@@ -31,6 +33,11 @@ def main() -> int:
     failures = 0
     g = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
+        # overlap-split on every step (min_attn_share 0): streams on a green-context SM split.
+        split_all = Path(tmp) / "overlap-split-all.json"
+        split_plan = load_plan("overlap-split").to_dict()
+        split_plan["min_attn_share"] = 0.0
+        split_all.write_text(json.dumps(split_plan))
         for name in ("llama-gqa", "qwen2"):
             path = str(make_checkpoint(name, Path(tmp)))
             prompts = [torch.randint(10, 4000, (int(n),), generator=g).tolist() for n in (3, 17, 70, 150)]
@@ -46,7 +53,8 @@ def main() -> int:
                 if dtype == "float32" and same != len(prompts):
                     failures += 1
                 for label, kw in (("cuda graphs", dict(enforce_eager=False)), ("plan overlap-2", dict(plan="overlap-2")),
-                                  ("plan nano-4", dict(plan="nano-4"))):
+                                  ("plan nano-4", dict(plan="nano-4")),
+                                  ("plan overlap-split (SM split)", dict(plan=str(split_all)))):
                     other = greedy_tokens(path, dtype, "on", prompts, **kw)
                     same_other = sum(a == b for a, b in zip(tri, other))
                     print(f"{name:10s} {dtype:9s} {label} == eager sequential: {same_other}/{len(prompts)}")

@@ -48,6 +48,8 @@ class DecodeConfig:
     block_n: int = 64     # tokens per tile (K and V tiles are [block_n, D])
     num_warps: int = 4
     num_stages: int = 3   # K/V tiles in flight per program = num_stages - 1
+    max_registers: int | None = None
+    """Register cap per thread (Triton's maxnreg): more programs per SM when registers limit them."""
 
 
 def default_config(max_programs: int | None, sm_count: int, head_dim: int = 128,
@@ -283,6 +285,7 @@ def paged_decode_attention(
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=cfg.block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),
     )
     if num_splits > 1:
         merge_work = num_requests * num_heads

@@ -94,6 +94,12 @@ def test_decode_fp8_cache_block_n_16(gen):
              num_splits=2, config=decode_attention.DecodeConfig(block_n=16))
 
 
+def test_decode_register_cap_config(gen):
+    """max_registers only changes the launch (maxnreg), not the function."""
+    run_case(gen, hq=8, hk=2, head_dim=32, block_size=16, dtype=torch.float32, num_splits=2,
+             config=decode_attention.DecodeConfig(block_n=16, num_stages=2, max_registers=128))
+
+
 def test_decode_rejects_fp8_e5m2_cache(gen):
     k_cache, v_cache, table = make_paged_cache(gen, [4], 16, 2, 32, torch.float8_e5m2)
     lens = torch.tensor([4], dtype=torch.int32, device=DEVICE)
