@@ -40,6 +40,37 @@ def _read_kernel(x_ptr, out_ptr, num_tiles, ROWS: tl.constexpr, COLS: tl.constex
     tl.store(out_ptr + tl.program_id(0), tl.sum(acc))
 
 
+def splitkv_table(args, inputs, kv_bytes: int, want: torch.Tensor) -> None:
+    """The --splitkv configs on the whole device and on each split's A-SM group: one line each."""
+    q, kc, vc, table, lens = inputs
+    configs = []
+    for text in args.splitkv.split(","):
+        bn, w, st, regs = (int(x) for x in text.split("/"))
+        configs.append(split_kv.DecodeConfig(block_n=bn, num_warps=w, num_stages=st, max_registers=regs or None))
+    parts = [sm_partition.split_sms(DEV, int(x)) for x in args.splits.split(",")]
+    targets = [(torch.cuda.get_device_properties(DEV).multi_processor_count, torch.cuda.Stream())]
+    targets += [(p.sm_counts[0], p.streams[0]) for p in parts]
+    print(f"{'config':<28}" + "".join(f"{sms:>8}" for sms, _ in targets) + "   (GB/s by SMs)")
+    rows = []
+    for cfg in configs:
+        fn = lambda c=cfg: split_kv.paged_decode_attention(q, kc, vc, table, lens, D ** -0.5,  # noqa: E731
+                                                           max_seq_len=1400, config=c)
+        line = f"bn={cfg.block_n} w={cfg.num_warps} st={cfg.num_stages} regs={cfg.max_registers}"
+        cells = []
+        for sms, stream in targets:
+            try:
+                with torch.cuda.stream(stream):
+                    err = (fn().float() - want.float()).abs().max().item()
+                ms, _ = timed([(stream, fn)], args.reps)
+                cells.append(kv_bytes / ms / 1e6)
+                rows.append(dict(config=line, sms=sms, gbs=cells[-1], err=err))
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                cells.append(float("nan"))
+                print(f"  {line} failed: {str(exc).strip().splitlines()[-1][:100]}")
+        print(f"{line:<28}" + "".join(f"{c:8.0f}" for c in cells), flush=True)
+    Path(os.environ.get("OUT", "."), "decode_partition_splitkv.json").write_text(json.dumps(rows, indent=1))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--splits", default="48,64")
@@ -55,31 +86,7 @@ def main():
     rows = []
     sink = torch.empty(4096, device=DEV, dtype=torch.float32)
     if args.splitkv:
-        configs = []
-        for text in args.splitkv.split(","):
-            bn, w, st, regs = (int(x) for x in text.split("/"))
-            configs.append(split_kv.DecodeConfig(block_n=bn, num_warps=w, num_stages=st, max_registers=regs or None))
-        whole = torch.cuda.Stream()
-        print(f"{'config':<28}" + "".join(f"{'whole' if a == 0 else a:>8}" for a in [0] + [
-            int(x) for x in args.splits.split(",")]) + "   (GB/s)")
-        parts = [sm_partition.split_sms(DEV, int(x)) for x in args.splits.split(",")]
-        for cfg in configs:
-            fn = lambda c=cfg: split_kv.paged_decode_attention(q, kc, vc, table, lens, scale,  # noqa: E731
-                                                               max_seq_len=1400, config=c)
-            line = f"bn={cfg.block_n} w={cfg.num_warps} st={cfg.num_stages} regs={cfg.max_registers}"
-            cells = []
-            for stream in [whole] + [p.streams[0] for p in parts]:
-                try:
-                    with torch.cuda.stream(stream):
-                        err = (fn().float() - want.float()).abs().max().item()
-                    ms, _ = timed([(stream, fn)], args.reps)
-                    cells.append(kv_bytes / ms / 1e6)
-                    rows.append(dict(config=line, sms=None, gbs=cells[-1], err=err))
-                except Exception as exc:  # noqa: BLE001
-                    cells.append(float("nan"))
-                    print(f"  {line} failed: {str(exc).strip().splitlines()[-1][:100]}")
-            print(f"{line:<28}" + "".join(f"{c:8.0f}" for c in cells), flush=True)
-        Path(os.environ.get("OUT", "."), "decode_partition_splitkv.json").write_text(json.dumps(rows, indent=1))
+        splitkv_table(args, (q, kc, vc, table, lens), kv_bytes, want)
         return
     for a in [int(x) for x in args.splits.split(",")]:
         part = sm_partition.split_sms(DEV, a, priorities=(-1, 0))

@@ -8,6 +8,7 @@ synthetic dense batch, and cache the fastest (never one slower than sequential) 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -196,7 +197,6 @@ def _tune(args: argparse.Namespace) -> int:
               f"the auto plan (the search model misses something; see the profile summary)")
     plan = winner.plan
     if winner is not seq_cand:
-        import dataclasses
         plan = dataclasses.replace(plan, name=f"{winner.name}@{wl.name}")
     meta = {"workload": args.workload, "workload_class": wl.to_dict(), "model": config.model,
             "candidate": winner.name, "structure": winner.structure, "mode": winner.mode,
@@ -227,8 +227,6 @@ def _green_variants(engine, chosen: list) -> list:
     """Stage 2 with the other SM-limiting method: each candidate that gives its memory stream an SM
     budget, again with that stream on a green-context split of as many SMs (the compute stream on
     the rest) and full-occupancy kernels in place of the budgeted persistent ones. CUDA only."""
-    import dataclasses
-
     from nanoflow.pipeline import sm_partition
     if not sm_partition.available(engine.device):
         return []

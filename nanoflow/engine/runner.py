@@ -59,7 +59,10 @@ class ModelRunner:
         self.workspace = model.new_workspace(token_budget)
         self.executor = executor or make_executor(None, self.model.layers[0].ops, self.device)
         self.sequential = make_executor(None, self.model.layers[0].ops, self.device)
-        self.kv_bytes_per_token = kv_block_bytes(model, kv.block_size, kv_dtype) // kv.block_size
+        # Per-token seconds of KV read and of GEMMs at the ranking rates (see attention_share).
+        kv_bytes_per_token = kv_block_bytes(model, kv.block_size, kv_dtype) / kv.block_size
+        self._attn_s_per_context_token = kv_bytes_per_token / _ATTN_BYTES_PER_S
+        self._gemm_s_per_token = 2 * model.config.num_parameters() / _GEMM_FLOPS_PER_S
         self.plan_steps = 0
         """Steps the (non-sequential) plan ran; the others ran sequentially (see Plan.min_attn_share)."""
         self.graphs = None
@@ -130,7 +133,7 @@ class ModelRunner:
         self.model.embed(state)
         executor = self.executor
         if not executor.is_sequential():
-            if force_plan or executor.applies(self.attention_share(batch)):
+            if force_plan or executor.plan.applies(self.attention_share(batch)):
                 self.plan_steps += 1
             else:
                 executor = self.sequential
@@ -142,6 +145,6 @@ class ModelRunner:
 
     def attention_share(self, batch: ForwardBatch) -> float:
         """Estimated share of decode attention in the step's decode attention + GEMM time."""
-        attn = batch.decode_context_tokens * self.kv_bytes_per_token / _ATTN_BYTES_PER_S
-        gemm = 2 * batch.num_tokens * self.model.config.num_parameters() / _GEMM_FLOPS_PER_S
+        attn = batch.decode_context_tokens * self._attn_s_per_context_token
+        gemm = batch.num_tokens * self._gemm_s_per_token
         return attn / (attn + gemm) if attn + gemm > 0 else 0.0

@@ -168,10 +168,6 @@ class PlanExecutor:
             not o.cuts and o.sm_budget is None for o in self.plan.ops.values()) and (
             self.plan.order is None and not self.plan.uses_sm_split())
 
-    def applies(self, attn_share: float) -> bool:
-        """Whether a step whose decode attention is this share of it runs under the plan."""
-        return self.plan.applies(attn_share)
-
     def build(self, layers_ops: list[list[Op]], batch) -> list[NanoOp]:
         """The step's nano-ops in issue order, with their cross-stream dependencies."""
         t, d = batch.num_tokens, batch.num_decode

@@ -99,6 +99,7 @@ class Plan:
     attention is a large part of the step."""
 
     def applies(self, attn_share: float) -> bool:
+        """Whether a step whose decode attention is this share of it runs under the plan."""
         return attn_share >= self.min_attn_share
 
     def uses_sm_split(self) -> bool:
