@@ -173,6 +173,9 @@ def test_builtin_plans_fold_their_mlp_ops_into_moe(moe_ops, name):
     ex = make_executor(plan, moe_ops, CPU)  # the executor folds, validates and checks the data flow
     assert ex.plan == folded and ex.name == name
     # a dense layer is left alone, and a plan that names moe itself is not folded
+    from nanoflow.models.llama import LlamaForCausalLM
+    dense_ops = LlamaForCausalLM(PRESETS["default"], torch.float32, torch.device("meta")).layers[0].ops
+    assert fold_plan(plan, dense_ops) is plan
     assert fold_plan(folded, moe_ops) is folded
 
 

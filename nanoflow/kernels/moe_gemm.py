@@ -272,7 +272,8 @@ def grouped_down(h: torch.Tensor, w_down: torch.Tensor, sorted_ids: torch.Tensor
     return y
 
 
-def combine(y: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor, sm_budget: int | None = None) -> torch.Tensor:
+def combine(y: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor,
+            sm_budget: int | None = None) -> torch.Tensor:
     """Launch 3: out[t] = sum_j w[t, j] * y[t * k + j] (each term rounded, summed in fp32)."""
     num_tokens, top_k = topk_weights.shape
     hidden = y.shape[1]

@@ -263,12 +263,15 @@ class LlamaForCausalLM(nn.Module):
             names.append("lm_head.weight")
         for i, layer in enumerate(self.layers):
             pre = f"model.layers.{i}."
-            names += [pre + n for n in ("input_layernorm.weight", "post_attention_layernorm.weight",
-                                        "self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                                        "self_attn.v_proj.weight", "self_attn.o_proj.weight")]
-            names += layer.mlp.hf_weight_names(pre)
-            if self.config.attention_bias:
-                names += [pre + f"self_attn.{p}_proj.bias" for p in "qkv"]
+            names += self._attention_weight_names(pre) + layer.mlp.hf_weight_names(pre)
+        return names
+
+    def _attention_weight_names(self, pre: str) -> list[str]:
+        names = [pre + n for n in ("input_layernorm.weight", "post_attention_layernorm.weight",
+                                   "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                   "self_attn.v_proj.weight", "self_attn.o_proj.weight")]
+        if self.config.attention_bias:
+            names += [pre + f"self_attn.{p}_proj.bias" for p in "qkv"]
         return names
 
     def _locate(self, name: str) -> tuple[torch.Tensor | None, tuple | None, list[str]]:
@@ -313,9 +316,12 @@ class LlamaForCausalLM(nn.Module):
         """Views of our weights under the names of transformers' in-memory model (for the transformers
         baseline and tests; for dense models these are the checkpoint names)."""
         out = {}
-        names = [n for n in self.hf_weight_names() if ".mlp." not in n and ".block_sparse_moe." not in n]
+        names = ["model.embed_tokens.weight", "model.norm.weight"]
+        if self.lm_head is not None:
+            names.append("lm_head.weight")
         for i, layer in enumerate(self.layers):
-            names += [f"model.layers.{i}.{n}" for n in layer.mlp.module_weight_names()]
+            pre = f"model.layers.{i}."
+            names += self._attention_weight_names(pre) + [pre + n for n in layer.mlp.module_weight_names()]
         for name in names:
             target, index, _ = self._locate(name)
             out[name] = target if index is None else target[index]

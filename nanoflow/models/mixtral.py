@@ -48,7 +48,8 @@ class MoEBlock(nn.Module):
         object.__setattr__(self, "model", model)  # kernels; outside the module tree (no cycle)
         e, h, i = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
         self.num_experts, self.top_k, self.inter = e, cfg.num_experts_per_tok, i
-        p = lambda *shape: nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)  # noqa: E731
+        def p(*shape):  # allocated on `device` directly; filled in place by the loader
+            return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
         self.router_weight = p(e, h)
         self.experts_gate_up = p(e, 2 * i, h)
         self.experts_down = p(e, h, i)
