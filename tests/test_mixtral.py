@@ -358,3 +358,74 @@ def test_throughput_bench_counts_active_parameters(mixtral_ckpt):
     assert result["num_params"] == cfg.num_active_parameters() < cfg.num_parameters()
     assert result["optimal_tokens_per_s"] == pytest.approx(result["gemm_peak_tflops"] * 1e12 /
                                                            (2 * cfg.num_active_parameters()))
+
+
+# ---- fuzz: config.json fields, plans, the sort ----------------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_ANY = st.one_of(st.none(), st.booleans(), st.integers(-3, 70), st.floats(allow_nan=True), st.text(max_size=6),
+                 st.lists(st.integers(0, 3), max_size=2))
+
+
+@settings(max_examples=80, deadline=None)
+@given(experts=_ANY, top_k=_ANY, act=st.one_of(st.just("silu"), _ANY))
+def test_fuzz_mixtral_config_fields_parse_or_raise_value_error(experts, top_k, act):
+    d = _mixtral_dict(num_local_experts=experts, num_experts_per_tok=top_k, hidden_act=act)
+    try:
+        cfg = ModelConfig.from_hf_dict(d)
+    except ValueError:
+        return
+    assert 1 <= cfg.num_experts_per_tok <= cfg.num_local_experts and act == "silu"
+    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+
+
+_CUT = st.fixed_dictionaries({"of": st.sampled_from(["tokens", "decode", "prefill"]),
+                              "at": st.sampled_from([0.25, 0.5, 0.75])})
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cuts=st.lists(st.lists(_CUT, max_size=2), min_size=3, max_size=3),
+       streams=st.lists(st.sampled_from(["compute", "memory"]), min_size=3, max_size=3),
+       with_order=st.booleans())
+def test_fuzz_dense_plans_fold_or_raise_value_error(moe_ops, cuts, streams, with_order):
+    """A dense-layer plan runs on the MoE layer exactly when it is valid on the dense layer and cuts
+    gate_up_gemm / act / down_gemm alike on one stream; otherwise a ValueError says why."""
+    from nanoflow.models.llama import LlamaForCausalLM
+    dense_ops = LlamaForCausalLM(PRESETS["default"], torch.float32, torch.device("meta")).layers[0].ops
+    d = load_plan("overlap-2").to_dict()
+    for name, c, s in zip(("gate_up_gemm", "act", "down_gemm"), cuts, streams):
+        d["ops"][name] = {"stream": s, "cuts": c}
+    if not with_order:
+        d.pop("order")
+    try:
+        plan = Plan.from_dict(d)
+        make_executor(plan, dense_ops, CPU)
+    except ValueError:
+        return  # invalid for the dense layer too (order / cut counts / cut order)
+    alike = all(c == cuts[0] for c in cuts) and all(s == streams[0] for s in streams)
+    if not alike:
+        with pytest.raises(ValueError, match="same cuts and stream"):
+            make_executor(plan, moe_ops, CPU)
+        return
+    ex = make_executor(plan, moe_ops, CPU)
+    assert ex.plan.ops["moe"] == plan.ops["gate_up_gemm"]
+    assert {"gate_up_gemm", "act", "down_gemm"}.isdisjoint(ex.plan.ops)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), experts=st.integers(1, 9), top_k=st.integers(1, 3), block_m=st.sampled_from([1, 2, 4, 16]),
+       tokens=st.integers(1, 40))
+def test_fuzz_moe_align_invariants(data, experts, top_k, block_m, tokens):
+    top_k = min(top_k, experts)
+    rows = [data.draw(st.permutations(range(experts)))[:top_k] for _ in range(tokens)]
+    ids = torch.tensor(rows, dtype=torch.long)
+    sorted_ids, block_expert = moe_align(ids, experts, block_m)
+    n = tokens * top_k
+    assert sorted(sorted_ids[sorted_ids < n].tolist()) == list(range(n))
+    flat = ids.reshape(-1)
+    for b, e in enumerate(block_expert.tolist()):
+        members = sorted_ids[b * block_m:(b + 1) * block_m]
+        members = members[members < n]
+        assert (e < 0) == (members.numel() == 0)
+        assert e < 0 or bool((flat[members.long()] == e).all())

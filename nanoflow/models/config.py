@@ -147,7 +147,7 @@ def _moe_fields(d: dict) -> dict:
     """Mixtral's expert count and top-k, checked: the block implements SiLU experts with top-k
     weights renormalised, nothing else."""
     experts, top_k = d.get("num_local_experts"), d.get("num_experts_per_tok")
-    if not isinstance(experts, int) or not isinstance(top_k, int) or not 1 <= top_k <= experts:
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (experts, top_k)) or not 1 <= top_k <= experts:
         raise ValueError(f"a Mixtral config needs integers 1 <= num_experts_per_tok <= num_local_experts, "
                          f"got num_experts_per_tok={top_k!r}, num_local_experts={experts!r}")
     act = d.get("hidden_act", "silu")
