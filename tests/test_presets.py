@@ -17,6 +17,7 @@ KNOWN_COUNTS = {
     "llama-3-70b": 70_553_706_496,
     "mistral-7b": 7_241_732_096,
     "qwen2-7b": 7_615_616_512,
+    "mixtral-8x7b": 46_702_792_704,   # every expert (12_879_925_248 active per token: test_mixtral.py)
 }
 
 
@@ -36,7 +37,7 @@ def _hf_meta_model(cfg: ModelConfig) -> torch.nn.Module:
         return transformers.AutoModelForCausalLM.from_config(hf_config)
 
 
-@pytest.mark.parametrize("name", ["default", "llama-3-8b", "llama-2-70b", "qwen2-7b", "mistral-7b"])
+@pytest.mark.parametrize("name", ["default", "llama-3-8b", "llama-2-70b", "qwen2-7b", "mistral-7b", "mixtral-8x7b"])
 def test_num_parameters_matches_transformers_model(name):
     model = _hf_meta_model(PRESETS[name])
     assert type(model).__name__ == PRESETS[name].architecture

@@ -19,6 +19,9 @@ TINY_CONFIGS = {
                                                         "original_max_position_embeddings": 64})),
     "mistral": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=1, sliding_window=None)),
     "qwen2": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
+    # 6 experts, top-2 (renormalised): with 37-token prompts some experts get few tokens, some none.
+    "mixtral": ("MixtralConfig", dict(num_attention_heads=4, num_key_value_heads=2, num_local_experts=6,
+                                      num_experts_per_tok=2, sliding_window=None, rope_theta=10000.0)),
 }
 
 

@@ -245,11 +245,12 @@ def _green_variants(engine, chosen: list) -> list:
 
 def _hand_plans(engine) -> list[str]:
     from nanoflow.pipeline.plan import load_plan
+    from nanoflow.pipeline.plan_fold import fold_plan
     names = []
     folder = Path(__file__).resolve().parent.parent / "pipeline" / "plans"
     for p in sorted(folder.glob("*.json")):
         try:
-            plan = load_plan(p.stem)
+            plan = fold_plan(load_plan(p.stem), engine.model.layers[0].ops)  # MoE layers: one op for the MLP
             plan.validate([op.name for op in engine.model.layers[0].ops])
             names.append(p.stem)
         except ValueError:

@@ -169,7 +169,7 @@ def run_throughput(**kwargs) -> dict:
     llm = _build_llm(opts, opts.plan)
     dtype, device = _model_dtype_device(llm)
     model_config = llm.model_config
-    num_params = model_config.num_parameters()
+    num_params = model_config.num_active_parameters()  # MoE: per token (Mixtral 8x7B 12.9e9), not all experts
     max_len = _max_model_len(llm, opts)
     requests = sample_requests(workload, opts.num_requests, opts.seed, model_config.vocab_size, max_len)
     warmup = _warmup_requests(workload, opts, model_config.vocab_size, max_len)

@@ -62,7 +62,7 @@ class ModelRunner:
         # Per-token seconds of KV read and of GEMMs at the ranking rates (see attention_share).
         kv_bytes_per_token = kv_block_bytes(model, kv.block_size, kv_dtype) / kv.block_size
         self._attn_s_per_context_token = kv_bytes_per_token / _ATTN_BYTES_PER_S
-        self._gemm_s_per_token = 2 * model.config.num_parameters() / _GEMM_FLOPS_PER_S
+        self._gemm_s_per_token = 2 * model.config.num_active_parameters() / _GEMM_FLOPS_PER_S
         self.plan_steps = 0
         """Steps the (non-sequential) plan ran; the others ran sequentially (see Plan.min_attn_share)."""
         self.graphs = None

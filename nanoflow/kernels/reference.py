@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from nanoflow.kernels.moe_reference import moe_experts  # noqa: F401  (the MoE experts' reference)
+
 
 def _into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """Every kernel may write into a caller's buffer (a slice of the step workspace)."""

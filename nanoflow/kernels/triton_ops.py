@@ -14,6 +14,7 @@ from nanoflow.kernels import decode_attention_persistent as _persistent
 from nanoflow.kernels.norm import fused_add_rms_norm, rms_norm
 from nanoflow.kernels.prefill_attention import paged_prefill_attention
 from nanoflow.kernels.rope import rope_and_cache_write
+from nanoflow.kernels.moe_gemm import moe_experts
 
 
 
@@ -39,4 +40,4 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 __all__ = ["linear", "rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope_and_cache_write",
-           "paged_decode_attention", "paged_prefill_attention"]
+           "paged_decode_attention", "paged_prefill_attention", "moe_experts"]

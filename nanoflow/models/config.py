@@ -5,7 +5,20 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "MixtralForCausalLM")
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "mixtral": "MixtralForCausalLM"}
+# Mixture-of-experts families whose blocks differ from Mixtral's (shared experts, other routing, per-head
+# q/k norms): named so the error says what is missing rather than only "unsupported".
+UNSUPPORTED_MOE = {
+    "Qwen2MoeForCausalLM": "shared experts with a sigmoid gate, unnormalised top-k weights",
+    "Qwen3MoeForCausalLM": "per-head q/k RMSNorm in attention",
+    "DeepseekV2ForCausalLM": "multi-head latent attention, shared experts, grouped routing",
+    "DeepseekV3ForCausalLM": "multi-head latent attention, shared experts, grouped sigmoid routing",
+    "OlmoeForCausalLM": "q/k norms, unnormalised top-k weights",
+    "PhimoeForCausalLM": "sparsemixer routing",
+    "GraniteMoeForCausalLM": "scaled embeddings and residuals",
+}
 
 
 @dataclass(frozen=True)
@@ -44,15 +57,21 @@ class ModelConfig:
     """Beginning-of-sequence token."""
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     """Tokens that end generation."""
+    num_local_experts: int = 0
+    """Experts per MoE layer (Mixtral); 0 = a dense MLP."""
+    num_experts_per_tok: int = 0
+    """Experts each token is routed to (top-k, weights renormalised); 0 for dense models."""
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> "ModelConfig":
         archs = d.get("architectures") or []
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
-            model_type = d.get("model_type")
-            by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-            arch = by_type.get(model_type)
+            arch = MODEL_TYPES.get(d.get("model_type"))
+        moe = next((a for a in archs if a in UNSUPPORTED_MOE), None)
+        if arch is None and moe is not None:
+            raise ValueError(f"{moe} is a mixture-of-experts variant nanoflow does not support "
+                             f"({UNSUPPORTED_MOE[moe]}); the supported MoE architecture is MixtralForCausalLM")
         if arch is None:
             raise ValueError(
                 f"unsupported architecture {archs or d.get('model_type')!r}; "
@@ -80,6 +99,7 @@ class ModelConfig:
             torch_dtype=d.get("torch_dtype") or d.get("dtype"),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            **(_moe_fields(d) if arch == "MixtralForCausalLM" else {}),
         )
 
     @classmethod
@@ -93,8 +113,9 @@ class ModelConfig:
         """A config.json transformers can load (used by tests and by `save_pretrained`-style export)."""
         d = asdict(self)
         d["architectures"] = [d.pop("architecture")]
-        d["model_type"] = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                           "Qwen2ForCausalLM": "qwen2"}[self.architecture]
+        d["model_type"] = {arch: t for t, arch in MODEL_TYPES.items()}[self.architecture]
+        if not self.num_local_experts:
+            del d["num_local_experts"], d["num_experts_per_tok"]
         eos = list(d.pop("eos_token_ids"))
         d["eos_token_id"] = eos[0] if len(eos) == 1 else (eos or None)
         if d["rope_scaling"] is None:
@@ -102,15 +123,37 @@ class ModelConfig:
         return d
 
     def num_parameters(self) -> int:
-        """All parameters, embeddings and LM head included (NanoFlow's P)."""
+        """All parameters, embeddings and LM head included (every expert of a MoE model)."""
+        return self._count(self.num_local_experts)
+
+    def num_active_parameters(self) -> int:
+        """Parameters each token computes with (NanoFlow's P for % of optimal): a MoE layer counts its
+        router and the num_experts_per_tok experts a token is routed to (Mixtral 8x7B: 12.9e9 of
+        46.7e9). Equal to num_parameters() for a dense model."""
+        return self._count(self.num_experts_per_tok)
+
+    def _count(self, experts: int) -> int:
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
         q = self.num_attention_heads * self.head_dim
         kv = self.num_key_value_heads * self.head_dim
         attn = h * (q + 2 * kv) + q * h + ((q + 2 * kv) if self.attention_bias else 0)
-        mlp = 3 * h * i
+        mlp = 3 * h * i * experts + h * self.num_local_experts if self.num_local_experts else 3 * h * i
         per_layer = attn + mlp + 2 * h
         head = 0 if self.tie_word_embeddings else v * h
         return self.num_hidden_layers * per_layer + v * h + head + h
+
+
+def _moe_fields(d: dict) -> dict:
+    """Mixtral's expert count and top-k, checked: the block implements SiLU experts with top-k
+    weights renormalised, nothing else."""
+    experts, top_k = d.get("num_local_experts"), d.get("num_experts_per_tok")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (experts, top_k)) or not 1 <= top_k <= experts:
+        raise ValueError(f"a Mixtral config needs integers 1 <= num_experts_per_tok <= num_local_experts, "
+                         f"got num_experts_per_tok={top_k!r}, num_local_experts={experts!r}")
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"unsupported Mixtral expert activation {act!r}: nanoflow's experts use silu")
+    return {"num_local_experts": experts, "num_experts_per_tok": top_k}
 
 
 def _rope_parameters(d: dict) -> dict:

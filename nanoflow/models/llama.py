@@ -2,7 +2,8 @@
 
 Each decoder layer is a list of Ops (nanoflow.pipeline.ops) working on rows lo:hi of a shared
 workspace, so the pipeline executor can cut the dense batch into nano-batches per op. Weights are
-fused (qkv, gate_up); load_weights maps Hugging Face names onto them."""
+fused (qkv, gate_up); load_weights maps Hugging Face names onto them. The layer's MLP is a pluggable
+block (`LlamaForCausalLM.MLP_BLOCK`): the dense one here, Mixtral's experts in nanoflow.models.mixtral."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from nanoflow.pipeline.ops import Op, Resource, RowScope
 class Workspace:
     """Per-step activations, allocated once for the token budget; ops write row slices of them."""
 
-    def __init__(self, cfg: ModelConfig, max_tokens: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: ModelConfig, max_tokens: int, dtype: torch.dtype, device: torch.device,
+                 mlp_buffers: dict[str, int] | None = None):
         q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
         empty = lambda width: torch.empty(max_tokens, width, dtype=dtype, device=device)  # noqa: E731
         self.max_tokens = max_tokens
@@ -31,8 +33,11 @@ class Workspace:
         self.qkv = empty(q + 2 * kv)
         self.q_rot = empty(q)
         self.attn_out = empty(q)
-        self.gate_up = empty(2 * cfg.intermediate_size)
-        self.act = empty(cfg.intermediate_size)
+        # The MLP block's own buffers (dense: gate_up, act), name -> width.
+        if mlp_buffers is None:
+            mlp_buffers = DenseMLP.workspace_buffers(cfg)
+        for name, width in mlp_buffers.items():
+            setattr(self, name, empty(width))
 
 
 @dataclass
@@ -62,8 +67,7 @@ class LlamaDecoderLayer(nn.Module):
         self.qkv_bias = p(qkv_width) if cfg.attention_bias else None
         self.o_weight = p(h, self.num_q * d)
         self.post_norm = p(h)
-        self.gate_up_weight = p(2 * cfg.intermediate_size, h)
-        self.down_weight = p(h, cfg.intermediate_size)
+        self.mlp = model.MLP_BLOCK(cfg, model, dtype, device)
         self.ops = self._build_ops()
 
     # The ops, in order. Each reads and writes rows lo:hi of the workspace.
@@ -121,6 +125,42 @@ class LlamaDecoderLayer(nn.Module):
         self.model.kernels.fused_add_rms_norm(ws.hidden[lo:hi], ws.residual[lo:hi], self.post_norm, self.eps,
                                               out=ws.normed[lo:hi], residual_out=ws.residual[lo:hi])
 
+    def _build_ops(self) -> list[Op]:
+        """Attention half, then the MLP block's ops (they read `normed`, write `hidden`)."""
+        C, M = Resource.COMPUTE, Resource.MEMORY
+        return [
+            Op("input_norm", M, self._input_norm, reads=("hidden", "residual"), writes=("normed", "residual")),
+            Op("qkv_gemm", C, self._qkv_gemm, reads=("normed",), writes=("qkv",)),
+            Op("rope_kv_write", M, self._rope_kv_write, reads=("qkv",), writes=("q_rot", "kv")),
+            Op("decode_attn", M, self._decode_attn, RowScope.DECODE, reads=("q_rot", "kv"), writes=("attn_out",)),
+            Op("prefill_attn", C, self._prefill_attn, RowScope.PREFILL, reads=("q_rot", "kv"),
+               writes=("attn_out",)),
+            Op("o_gemm", C, self._o_gemm, reads=("attn_out",), writes=("hidden",)),
+            Op("post_norm", M, self._post_norm, reads=("hidden", "residual"), writes=("normed", "residual")),
+        ] + self.mlp.ops()
+
+
+class DenseMLP(nn.Module):
+    """The dense SwiGLU MLP: gate_up_gemm -> act -> down_gemm, reading `normed`, writing `hidden`.
+
+    An MLP block (this one, or nanoflow.models.mixtral.MoEBlock) provides: workspace_buffers(cfg),
+    ops(), and its share of the layer's Hugging Face names: hf_weight_names(prefix) (the checkpoint's),
+    weight_table() (every name it accepts -> parameter, index), weight_aliases() (a name of another
+    layout -> the checkpoint names it stands for) and module_weight_names() (transformers' in-memory
+    names, for export)."""
+
+    def __init__(self, cfg: ModelConfig, model: "LlamaForCausalLM", dtype, device):
+        super().__init__()
+        object.__setattr__(self, "model", model)  # kernels; outside the module tree (no cycle)
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.inter = i
+        self.gate_up_weight = nn.Parameter(torch.empty(2 * i, h, dtype=dtype, device=device), requires_grad=False)
+        self.down_weight = nn.Parameter(torch.empty(h, i, dtype=dtype, device=device), requires_grad=False)
+
+    @staticmethod
+    def workspace_buffers(cfg: ModelConfig) -> dict[str, int]:
+        return {"gate_up": 2 * cfg.intermediate_size, "act": cfg.intermediate_size}
+
     def _gate_up_gemm(self, s: StepState, lo: int, hi: int) -> None:
         self.model.kernels.linear(s.ws.normed[lo:hi], self.gate_up_weight, None,
                                   out=s.ws.gate_up[lo:hi], sm_budget=s.sm_budget)
@@ -132,24 +172,37 @@ class LlamaDecoderLayer(nn.Module):
         self.model.kernels.linear(s.ws.act[lo:hi], self.down_weight, None,
                                   out=s.ws.hidden[lo:hi], sm_budget=s.sm_budget)
 
-    def _build_ops(self) -> list[Op]:
+    def ops(self) -> list[Op]:
         C, M = Resource.COMPUTE, Resource.MEMORY
         return [
-            Op("input_norm", M, self._input_norm, reads=("hidden", "residual"), writes=("normed", "residual")),
-            Op("qkv_gemm", C, self._qkv_gemm, reads=("normed",), writes=("qkv",)),
-            Op("rope_kv_write", M, self._rope_kv_write, reads=("qkv",), writes=("q_rot", "kv")),
-            Op("decode_attn", M, self._decode_attn, RowScope.DECODE, reads=("q_rot", "kv"), writes=("attn_out",)),
-            Op("prefill_attn", C, self._prefill_attn, RowScope.PREFILL, reads=("q_rot", "kv"),
-               writes=("attn_out",)),
-            Op("o_gemm", C, self._o_gemm, reads=("attn_out",), writes=("hidden",)),
-            Op("post_norm", M, self._post_norm, reads=("hidden", "residual"), writes=("normed", "residual")),
             Op("gate_up_gemm", C, self._gate_up_gemm, reads=("normed",), writes=("gate_up",)),
             Op("act", M, self._act, reads=("gate_up",), writes=("act",)),
             Op("down_gemm", C, self._down_gemm, reads=("act",), writes=("hidden",)),
         ]
 
+    def hf_weight_names(self, prefix: str) -> list[str]:
+        return [prefix + n for n in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")]
+
+    def weight_table(self) -> dict[str, tuple[torch.Tensor, tuple | None]]:
+        """Hugging Face name (relative to the layer) -> (parameter, index into it or None)."""
+        i = self.inter
+        return {"mlp.gate_proj.weight": (self.gate_up_weight, (slice(0, i),)),
+                "mlp.up_proj.weight": (self.gate_up_weight, (slice(i, 2 * i),)),
+                "mlp.down_proj.weight": (self.down_weight, None)}
+
+    def weight_aliases(self) -> dict[str, list[str]]:
+        """Names of another layout -> the checkpoint names each stands for (dense: none)."""
+        return {}
+
+    def module_weight_names(self) -> list[str]:
+        """The names transformers' in-memory module uses (dense: the checkpoint's)."""
+        return self.hf_weight_names("")
+
 
 class LlamaForCausalLM(nn.Module):
+    MLP_BLOCK: type = DenseMLP
+    """The MLP part of every decoder layer (a subclass swaps it: Mixtral's experts)."""
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, kernels=ref_kernels):
         super().__init__()
         self.config = cfg
@@ -169,7 +222,8 @@ class LlamaForCausalLM(nn.Module):
         return self.embed_tokens if self.lm_head is None else self.lm_head
 
     def new_workspace(self, max_tokens: int) -> Workspace:
-        return Workspace(self.config, max_tokens, self.dtype, self.device)
+        return Workspace(self.config, max_tokens, self.dtype, self.device,
+                         self.MLP_BLOCK.workspace_buffers(self.config))
 
     # Forward in three parts so the executor can run the layers' ops under any plan.
     def embed(self, s: StepState) -> None:
@@ -189,74 +243,88 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if "rotary_emb" in name:
                 continue
-            target, rows = self._locate(name)
+            target, index, provides = self._locate(name)
             if target is None:
                 raise ValueError(f"unexpected weight {name!r} for {self.config.architecture}")
-            dst = target if rows is None else target[rows[0]:rows[1]]
+            dst = target if index is None else target[index]
             if tuple(dst.shape) != tuple(tensor.shape):
                 raise ValueError(f"shape mismatch for {name!r}: checkpoint {tuple(tensor.shape)}, "
                                  f"model expects {tuple(dst.shape)}")
             dst.copy_(tensor.to(dtype=dst.dtype))
-            loaded.add(name)
+            loaded.update(provides)
         missing = [n for n in self.hf_weight_names() if n not in loaded]
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:5]}")
 
     def hf_weight_names(self) -> list[str]:
+        """The checkpoint's names (as save_pretrained writes them)."""
         names = ["model.embed_tokens.weight", "model.norm.weight"]
         if self.lm_head is not None:
             names.append("lm_head.weight")
-        for i in range(self.config.num_hidden_layers):
+        for i, layer in enumerate(self.layers):
             pre = f"model.layers.{i}."
-            names += [pre + n for n in ("input_layernorm.weight", "post_attention_layernorm.weight",
-                                        "self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                                        "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-                                        "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")]
-            if self.config.attention_bias:
-                names += [pre + f"self_attn.{p}_proj.bias" for p in "qkv"]
+            names += self._attention_weight_names(pre) + layer.mlp.hf_weight_names(pre)
         return names
 
-    def _locate(self, name: str) -> tuple[torch.Tensor | None, tuple[int, int] | None]:
-        """The parameter (and row range within a fused one) a Hugging Face weight name maps to."""
+    def _attention_weight_names(self, pre: str) -> list[str]:
+        names = [pre + n for n in ("input_layernorm.weight", "post_attention_layernorm.weight",
+                                   "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                   "self_attn.v_proj.weight", "self_attn.o_proj.weight")]
+        if self.config.attention_bias:
+            names += [pre + f"self_attn.{p}_proj.bias" for p in "qkv"]
+        return names
+
+    def _locate(self, name: str) -> tuple[torch.Tensor | None, tuple | None, list[str]]:
+        """The parameter a Hugging Face weight name maps to, the index of its part of a fused one
+        (None: all of it), and the checkpoint names it provides (itself, or those an alternative
+        layout's name stands for, e.g. transformers' stacked experts)."""
         if name == "model.embed_tokens.weight":
-            return self.embed_tokens, None
+            return self.embed_tokens, None, [name]
         if name == "model.norm.weight":
-            return self.norm, None
+            return self.norm, None, [name]
         if name == "lm_head.weight":  # tied checkpoints sometimes store a copy: load it into the embedding
-            return (self.lm_head, None) if self.lm_head is not None else (self.embed_tokens, None)
+            return (self.lm_head if self.lm_head is not None else self.embed_tokens), None, [name]
         parts = name.split(".")
         if len(parts) < 5 or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
-            return None, None
+            return None, None, []
         i = int(parts[2])
         if i >= len(self.layers):
-            return None, None
+            return None, None, []
         layer, rest = self.layers[i], ".".join(parts[3:])
-        d, q, kv = layer.head_dim, layer.num_q * layer.head_dim, layer.num_kv * layer.head_dim
-        inter = self.config.intermediate_size
+        q, kv = layer.num_q * layer.head_dim, layer.num_kv * layer.head_dim
+        rows = lambda a, b: (slice(a, b),)  # noqa: E731
         table = {
             "input_layernorm.weight": (layer.input_norm, None),
             "post_attention_layernorm.weight": (layer.post_norm, None),
-            "self_attn.q_proj.weight": (layer.qkv_weight, (0, q)),
-            "self_attn.k_proj.weight": (layer.qkv_weight, (q, q + kv)),
-            "self_attn.v_proj.weight": (layer.qkv_weight, (q + kv, q + 2 * kv)),
+            "self_attn.q_proj.weight": (layer.qkv_weight, rows(0, q)),
+            "self_attn.k_proj.weight": (layer.qkv_weight, rows(q, q + kv)),
+            "self_attn.v_proj.weight": (layer.qkv_weight, rows(q + kv, q + 2 * kv)),
             "self_attn.o_proj.weight": (layer.o_weight, None),
-            "mlp.gate_proj.weight": (layer.gate_up_weight, (0, inter)),
-            "mlp.up_proj.weight": (layer.gate_up_weight, (inter, 2 * inter)),
-            "mlp.down_proj.weight": (layer.down_weight, None),
         }
         if layer.qkv_bias is not None:
-            table.update({"self_attn.q_proj.bias": (layer.qkv_bias, (0, q)),
-                          "self_attn.k_proj.bias": (layer.qkv_bias, (q, q + kv)),
-                          "self_attn.v_proj.bias": (layer.qkv_bias, (q + kv, q + 2 * kv))})
-        del d
-        return table.get(rest, (None, None))
+            table.update({"self_attn.q_proj.bias": (layer.qkv_bias, rows(0, q)),
+                          "self_attn.k_proj.bias": (layer.qkv_bias, rows(q, q + kv)),
+                          "self_attn.v_proj.bias": (layer.qkv_bias, rows(q + kv, q + 2 * kv))})
+        table.update(layer.mlp.weight_table())
+        target, index = table.get(rest, (None, None))
+        if target is None:
+            return None, None, []
+        prefix = ".".join(parts[:3]) + "."
+        return target, index, [prefix + n for n in layer.mlp.weight_aliases().get(rest, [rest])]
 
     def export_hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """Views of our weights under Hugging Face names (for the transformers baseline and tests)."""
+        """Views of our weights under the names of transformers' in-memory model (for the transformers
+        baseline and tests; for dense models these are the checkpoint names)."""
         out = {}
-        for name in self.hf_weight_names():
-            target, rows = self._locate(name)
-            out[name] = target if rows is None else target[rows[0]:rows[1]]
+        names = ["model.embed_tokens.weight", "model.norm.weight"]
+        if self.lm_head is not None:
+            names.append("lm_head.weight")
+        for i, layer in enumerate(self.layers):
+            pre = f"model.layers.{i}."
+            names += self._attention_weight_names(pre) + [pre + n for n in layer.mlp.module_weight_names()]
+        for name in names:
+            target, index, _ = self._locate(name)
+            out[name] = target if index is None else target[index]
         if self.lm_head is None:
             out["lm_head.weight"] = self.embed_tokens
         return out

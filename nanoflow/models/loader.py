@@ -134,11 +134,13 @@ def load_model(config: EngineConfig, device: torch.device, dtype: torch.dtype,
 
     Pass `source` when it was already resolved (e.g. to pick the dtype from its torch_dtype).
     """
-    from nanoflow.models.llama import LlamaForCausalLM
+    from nanoflow.models.registry import model_class
 
     if source is None:
         source = resolve_model_source(config)
-    model = LlamaForCausalLM(source.model_config, dtype=dtype, device=device)
+    # Parameters are allocated on `device` and filled in place there (dummy: a device generator;
+    # checkpoint: one memory-mapped tensor at a time): no host copy, no second copy of the weights.
+    model = model_class(source.model_config.architecture)(source.model_config, dtype=dtype, device=device)
     with torch.no_grad():
         if source.weights_dir is None:
             init_dummy_weights(model, config.seed)

@@ -46,4 +46,8 @@ PRESETS: dict[str, ModelConfig] = {
     "qwen2-7b": _llama(152064, 3584, 18944, 28, 28, 4, architecture="Qwen2ForCausalLM", rms_norm_eps=1e-6,
                        rope_theta=1000000.0, max_position_embeddings=131072, attention_bias=True,
                        bos_token_id=151643, eos_token_ids=(151643, 151645)),
+    # Mixtral-8x7B-v0.1: 46.7e9 parameters (93 GB in bf16), 12.9e9 active per token (top-2 of 8).
+    "mixtral-8x7b": _llama(32000, 4096, 14336, 32, 32, 8, architecture="MixtralForCausalLM", rms_norm_eps=1e-5,
+                           rope_theta=1000000.0, max_position_embeddings=32768, bos_token_id=1, eos_token_ids=(2,),
+                           num_local_experts=8, num_experts_per_tok=2),
 }

@@ -14,6 +14,7 @@ import torch
 from nanoflow.pipeline.ops import Op, RowScope
 from nanoflow.pipeline import sm_partition
 from nanoflow.pipeline.plan import SEQUENTIAL, Plan
+from nanoflow.pipeline.plan_fold import fold_plan
 
 
 TEMPLATE_LAYERS = 5
@@ -126,6 +127,7 @@ class PlanExecutor:
     def __init__(self, plan: Plan, layer_ops: list[Op], device: torch.device):
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
         op_names = [op.name for op in layer_ops]
+        plan = fold_plan(plan, layer_ops)  # dense-layer plans on a layer with a MoE block
         plan.validate(op_names, num_sms)
         self.plan = plan
         self.name = plan.name

@@ -36,3 +36,6 @@ class Op:
     """Workspace buffers whose rows lo:hi the op reads (the executor derives dependencies from these)."""
     writes: tuple[str, ...] = ()
     """Workspace buffers whose rows lo:hi the op writes."""
+    replaces: tuple[str, ...] = ()
+    """Ops of the dense Llama layer this op does the work of (the MoE block: gate_up_gemm, act,
+    down_gemm), so plans written for the dense layer run it (nanoflow.pipeline.plan_fold)."""
