@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanoflow.kernels.rope import _round_e4m3
+
 TILE = 64
 FP8_MAX = 448.0
 
@@ -178,7 +180,7 @@ def _quantize_kernel(q_ptr, q8_ptr, scale_ptr, num_rows, stride_row,
     x = tl.load(q_ptr + rows[:, None].to(tl.int64) * stride_row + offs_d[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)
     scale = tl.maximum(tl.max(tl.abs(x), 1), 1e-30) / 448.0
-    y = tl.minimum(tl.maximum(x / scale[:, None], -448.0), 448.0)
+    y = _round_e4m3(x / scale[:, None])  # exact e4m3 values: the cast below does not round
     tl.store(q8_ptr + rows[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :], y.to(q8_ptr.dtype.element_ty),
              mask=mask)
     tl.store(scale_ptr + rows, scale, mask=rows < num_rows)
