@@ -50,13 +50,12 @@ def make_inputs(lens: list[int], hk: int, group: int, d: int, bs: int, gen: torc
     mb = max(1, max(nblk))
     table = torch.full((len(lens), mb), -1, dtype=torch.int32)
     perm = torch.randperm(num_blocks, generator=gen)[:sum(nblk)].to(torch.int32)
-    i = 0
-    for r, n in enumerate(nblk):
-        table[r, :n] = perm[i:i + n]
-        i += n
-    kc = torch.randn(num_blocks, bs, hk, d, generator=gen).to(dtype).to(DEV)
-    vc = torch.randn(num_blocks, bs, hk, d, generator=gen).to(dtype).to(DEV)
-    q = torch.randn(len(lens), hk * group, d, generator=gen).to(dtype).to(DEV)
+    used = torch.arange(mb)[None, :] < torch.tensor(nblk)[:, None]
+    table[used] = perm
+    dgen = torch.Generator(device=DEV).manual_seed(int(torch.randint(1 << 30, (1,), generator=gen)))
+    kc = torch.randn(num_blocks, bs, hk, d, generator=dgen, device=DEV, dtype=dtype)
+    vc = torch.randn(num_blocks, bs, hk, d, generator=dgen, device=DEV, dtype=dtype)
+    q = torch.randn(len(lens), hk * group, d, generator=dgen, device=DEV, dtype=dtype)
     return q, kc, vc, table.to(DEV), torch.tensor(lens, dtype=torch.int32, device=DEV)
 
 
@@ -84,10 +83,8 @@ def section_check(args) -> dict:
         ("llama D128 G4 bs16", ragged, 8, 4, 128, 16, None),
         ("llama D128 G4 bs16 3 SMs", ragged, 8, 4, 128, 16, 3),
         ("D128 G4 bs64", ragged, 8, 4, 128, 64, None),
-        ("D128 G4 bs128 5 SMs", ragged, 8, 4, 128, 128, 5),
         ("D64 G8 bs16", ragged, 4, 8, 64, 16, 7),
         ("D128 G1 bs32", ragged, 2, 1, 128, 32, 2),
-        ("D64 G2 bs8", ragged, 2, 2, 64, 8, 1),
         ("D128 G6 bs16", [5, 700, 2000], 2, 6, 128, 16, 4),
         ("one long request", [40000], 8, 4, 128, 16, None),
     ]
@@ -214,12 +211,12 @@ def section_perf(args) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--section", choices=["check", "perf"], required=True)
-    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="check: the first case only (a smoke test)")
     ap.add_argument("--splits", default="64,48,40")
-    ap.add_argument("--workloads", default="512:512:2048:16,256:2048:4096:16,512:512:2048:64")
-    ap.add_argument("--variants", default="2/3/128,3/2/80,1/6/255", help="bf16: ctas_per_sm/stages/maxnreg")
-    ap.add_argument("--fp8-variants", default="2/4/128,2/5/128,3/3/80")
+    ap.add_argument("--workloads", default="512:512:2048:16,512:512:2048:64,256:2048:4096:16")
+    ap.add_argument("--variants", default="2/3/128,1/6/255", help="bf16: ctas_per_sm/stages/maxnreg")
+    ap.add_argument("--fp8-variants", default="2/5/128")
     args = ap.parse_args()
     props = torch.cuda.get_device_properties(DEV)
     import triton
