@@ -1,7 +1,7 @@
 #!/bin/bash
-# One device call: smoke test (a hang or crash stops here), correctness, timings, GPU tests.
+# One device call: smoke test (a hang or crash stops here), correctness, timings.
 # Logs and JSON to $OUT.  Usage: bash benchmarks/run_gpu_decode_hopper.sh
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 NANOFLOW_HOPPER_DECODE=1
 OUT=${OUT:-.}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,driver_version --format=csv,noheader
 timeout 45 python benchmarks/decode_hopper_gpu.py --section check --quick > $OUT/smoke.txt 2>&1

@@ -4,8 +4,9 @@ Triton split-KV / persistent kernels (triton_ops falls back to them).
 "Correct" is checked once per device and cache dtype at first use: the Hopper kernel runs a small
 random problem (ragged contexts, items cut between programs) and must match the split-KV kernel
 (relative error < 1e-2 for 16-bit caches; fp8 caches: < 5e-2, since q is quantised to e4m3). A
-failure, or any exception, disables it for that process with a warning. NANOFLOW_HOPPER_DECODE=0
-turns it off.
+failure, or any exception, disables it for that process with a warning. Opt-in for now:
+NANOFLOW_HOPPER_DECODE=1 turns it on (the kernel compiles for sm_90a but has not been run on a GPU;
+a hang, unlike a wrong result, would not be caught by the self-check).
 """
 from __future__ import annotations
 

@@ -13,8 +13,15 @@ import torch
 from nanoflow.kernels import decode_attention_hopper as hopper
 from nanoflow.kernels import reference
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not hopper.available(torch.device("cuda")),
-                                reason="needs a Hopper GPU and the Gluon kernel (Triton 3.6)")
+_HOPPER = (torch.cuda.is_available() and hopper._IMPORT_ERROR is None and hopper._triton_ok()
+           and torch.cuda.get_device_capability()[0] == 9)
+pytestmark = pytest.mark.skipif(not _HOPPER, reason="needs a Hopper GPU and the Gluon kernel (Triton 3.6)")
+
+
+@pytest.fixture(autouse=True)
+def _opt_in(monkeypatch):
+    """The dispatch uses the kernel only when opted in (NANOFLOW_HOPPER_DECODE=1)."""
+    monkeypatch.setenv("NANOFLOW_HOPPER_DECODE", "1")
 DEV = torch.device("cuda")
 FP8 = torch.float8_e4m3fn
 FP8_TOL = 4e-2
