@@ -120,3 +120,37 @@ def test_config_validation():
         hopper.HopperDecodeConfig(stages=1)
     with pytest.raises(ValueError):
         hopper.HopperDecodeConfig(ctas_per_sm=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scaled_fp8_cache_write_matches_reference(gen, dtype):
+    """The KV writer with per-tensor scales: the fp8 cache holds k / k_scale and v / v_scale."""
+    from nanoflow.kernels import rope
+    from kernel_helpers import fp8_rope_k_tolerance
+    t, hq, hk, d, bs, nb = 7, 4, 2, 32, 4, 4
+    q, k, v = randn(gen, t, hq, d, dtype=dtype), randn(gen, t, hk, d, dtype=dtype) * 30, randn(gen, t, hk, d, dtype=dtype)
+    positions = torch.arange(t, device=DEVICE)
+    cos_sin = torch.cat([torch.ones(16, d // 2), torch.zeros(16, d // 2)], -1).to(DEVICE)  # identity rotation
+    slots = torch.randperm(nb * bs, generator=gen)[:t].to(DEVICE)
+    caches = [torch.zeros(nb, bs, hk, d, dtype=torch.float8_e4m3fn, device=DEVICE) for _ in range(4)]
+    reference.rope_and_cache_write(q, k, v, positions, cos_sin, caches[0], caches[1], slots, k_scale=0.25, v_scale=0.004)
+    rope.rope_and_cache_write(q, k, v, positions, cos_sin, caches[2], caches[3], slots, k_scale=0.25, v_scale=0.004)
+    torch.testing.assert_close(caches[2].float(), caches[0].float(), **fp8_rope_k_tolerance(dtype))
+    assert torch.equal(caches[3].view(torch.uint8), caches[1].view(torch.uint8))
+    assert caches[1].float().abs().max() == 448  # v / 0.004 saturates
+
+
+@given(scale=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-3, 3)))
+@settings(max_examples=40, deadline=None)
+def test_kv_scale_validation(scale):
+    from nanoflow.kernels.rope import check_kv_scales
+    fp8 = torch.zeros(1, dtype=torch.float8_e4m3fn)
+    ok = isinstance(scale, (int, float)) and scale > 0 and scale < float("inf")
+    if ok:
+        check_kv_scales(fp8, scale, 1.0)
+    else:
+        with pytest.raises(ValueError):
+            check_kv_scales(fp8, scale, 1.0)
+    if scale != 1.0:
+        with pytest.raises(ValueError):
+            check_kv_scales(torch.zeros(1, dtype=torch.bfloat16), 1.0, scale)
