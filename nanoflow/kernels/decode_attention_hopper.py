@@ -447,6 +447,8 @@ def paged_decode_attention(
     if num_requests == 0:
         return out
     cfg = config or HopperDecodeConfig()
+    if seq_lens.dtype != torch.int32 or block_tables.dtype != torch.int32:  # the kernel reads int32
+        seq_lens, block_tables = seq_lens.to(torch.int32), block_tables.to(torch.int32)
     if num_sms is None:
         num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     nprog = cfg.ctas_per_sm * num_sms
