@@ -69,23 +69,26 @@ def rope_and_cache_write(
     slot_mapping: torch.Tensor,
     *,
     q_out: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Rotates q and k, writes rotated k and v into the paged cache at slot_mapping
-    (slot = block * block_size + offset; negative slots are skipped: padding). Returns rotated q [T, Hq, D]."""
+    (slot = block * block_size + offset; negative slots are skipped: padding). An fp8 cache holds
+    k / k_scale and v / v_scale (per-tensor scales, as vLLM's). Returns rotated q [T, Hq, D]."""
     q_rot = apply_rope(q, positions, cos_sin)
     k_rot = apply_rope(k, positions, cos_sin)
     num_blocks, block_size = k_cache.shape[:2]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
-    k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slots] = _to_cache(k_rot[keep], k_cache.dtype)
-    v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slots] = _to_cache(v[keep], v_cache.dtype)
+    k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slots] = _to_cache(k_rot[keep], k_cache.dtype, k_scale)
+    v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slots] = _to_cache(v[keep], v_cache.dtype, v_scale)
     return _into(q_rot, q_out)
 
 
-def _to_cache(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The cache's dtype; an fp8 (e4m3) cache saturates at +-448 like vLLM's scale-1.0 cast."""
+def _to_cache(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """The cache's dtype; an fp8 (e4m3) cache holds x / scale, saturated at +-448 like vLLM's cast."""
     if dtype == torch.float8_e4m3fn:
-        x = x.clamp(-448.0, 448.0)
+        x = (x.float() / scale).clamp(-448.0, 448.0)
     return x.to(dtype)
 
 
@@ -119,15 +122,18 @@ def paged_decode_attention(
     *,
     out: torch.Tensor | None = None,
     max_programs: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """One query token per request. q [R, Hq, D]; block_tables [R, max_blocks] int32;
     seq_lens [R] = context length including the current token. Returns [R, Hq, D].
-    max_programs (an SM budget for GPU kernels) does not change the result."""
+    max_programs (an SM budget for GPU kernels) does not change the result. k_scale / v_scale:
+    the cache holds K / k_scale and V / v_scale (fp8 caches; 1.0 otherwise)."""
     out = torch.empty_like(q) if out is None else out
     lens = seq_lens.tolist()
     for r, length in enumerate(lens):
-        k = _gather_context(k_cache, block_tables[r], length)
-        v = _gather_context(v_cache, block_tables[r], length)
+        k = _gather_context(k_cache, block_tables[r], length).float() * k_scale
+        v = _gather_context(v_cache, block_tables[r], length).float() * v_scale
         out[r] = _attend(q[r : r + 1], k, v, scale, length - 1)[0]
     return out
 

@@ -36,10 +36,11 @@ def _round_e4m3(x):
 
 
 @triton.jit
-def _to_cache(x, cache_ptr):
-    """Casts x to the cache's element type; fp8 e4m3 caches saturate and round to nearest even."""
+def _to_cache(x, cache_ptr, scale):
+    """Casts x to the cache's element type; fp8 e4m3 caches hold x / scale, saturated and rounded to
+    nearest even (16/32-bit caches ignore scale: the wrapper only allows 1.0 there)."""
     if cache_ptr.dtype.element_ty == tl.float8e4nv:
-        x = _round_e4m3(x.to(tl.float32))
+        x = _round_e4m3(x.to(tl.float32) / scale)
     return x.to(cache_ptr.dtype.element_ty)
 
 
@@ -59,7 +60,7 @@ def _rope_cache_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cs, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     stride_qot, stride_qoh,
-    num_q_heads, num_kv_heads, half, block_size,
+    num_q_heads, num_kv_heads, half, block_size, k_scale, v_scale,
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
@@ -83,18 +84,28 @@ def _rope_cache_kernel(
         k1, k2, kmask = _rotate(k_ptr, t * stride_kt, stride_kh, num_kv_heads, offs_hk, offs_d, half,
                                 cos, sin)
         # Round to k's dtype first (the reference returns rotated k in k's dtype, then casts).
-        k1 = _to_cache(k1.to(k_ptr.dtype.element_ty), kc_ptr)
-        k2 = _to_cache(k2.to(k_ptr.dtype.element_ty), kc_ptr)
+        k1 = _to_cache(k1.to(k_ptr.dtype.element_ty), kc_ptr, k_scale)
+        k2 = _to_cache(k2.to(k_ptr.dtype.element_ty), kc_ptr, k_scale)
         kc = kc_ptr + blk * stride_kcb + off * stride_kcs + offs_hk[:, None] * stride_kch + offs_d[None, :]
         tl.store(kc, k1, mask=kmask)
         tl.store(kc + half, k2, mask=kmask)
         vsrc = v_ptr + t * stride_vt + offs_hk[:, None] * stride_vh + offs_d[None, :]
         vc = vc_ptr + blk * stride_vcb + off * stride_vcs + offs_hk[:, None] * stride_vch + offs_d[None, :]
-        tl.store(vc, _to_cache(tl.load(vsrc, mask=kmask, other=0.0), vc_ptr), mask=kmask)
-        tl.store(vc + half, _to_cache(tl.load(vsrc + half, mask=kmask, other=0.0), vc_ptr), mask=kmask)
+        tl.store(vc, _to_cache(tl.load(vsrc, mask=kmask, other=0.0), vc_ptr, v_scale), mask=kmask)
+        tl.store(vc + half, _to_cache(tl.load(vsrc + half, mask=kmask, other=0.0), vc_ptr, v_scale),
+                 mask=kmask)
 
 
 _CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+
+
+def check_kv_scales(k_cache: torch.Tensor, k_scale: float, v_scale: float) -> None:
+    """Per-tensor KV scales: positive and finite; other than 1.0 only for an fp8 cache."""
+    for name, value in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if not (value > 0.0 and value < float("inf")):
+            raise ValueError(f"{name} must be a positive finite number, got {value}")
+        if value != 1.0 and k_cache.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"{name} {value} needs an fp8 KV cache (got {k_cache.dtype})")
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -112,9 +123,11 @@ def rope_and_cache_write(
     slot_mapping: torch.Tensor,
     *,
     q_out: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Rotates q and k, writes rotated k and v into the paged cache at slot_mapping.
-    Returns rotated q [T, Hq, D] (q's dtype)."""
+    """Rotates q and k, writes rotated k and v into the paged cache at slot_mapping (an fp8 cache
+    holds k / k_scale and v / v_scale). Returns rotated q [T, Hq, D] (q's dtype)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if head_dim % 2 or cos_sin.shape[-1] != head_dim:
@@ -133,6 +146,7 @@ def rope_and_cache_write(
         raise ValueError("KV cache head dim must be contiguous")
     if k_cache.dtype not in _CACHE_DTYPES or v_cache.dtype not in _CACHE_DTYPES:
         raise ValueError(f"unsupported KV cache dtype {k_cache.dtype} / {v_cache.dtype}")
+    check_kv_scales(k_cache, k_scale, v_scale)
     kc, vc = k_cache, v_cache
     half = head_dim // 2
     _rope_cache_kernel[(num_tokens,)](
@@ -141,7 +155,7 @@ def rope_and_cache_write(
         cos_sin.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
         vc.stride(0), vc.stride(1), vc.stride(2),
         q_out.stride(0), q_out.stride(1),
-        num_q_heads, num_kv_heads, half, k_cache.shape[1],
+        num_q_heads, num_kv_heads, half, k_cache.shape[1], float(k_scale), float(v_scale),
         BLOCK_HQ=triton.next_power_of_2(num_q_heads), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=triton.next_power_of_2(half),
         num_warps=4,

@@ -10,6 +10,7 @@ import torch
 
 from nanoflow.kernels.activation import silu_and_mul
 from nanoflow.kernels import decode_attention as _split_kv
+from nanoflow.kernels import decode_attention_dispatch as _dispatch
 from nanoflow.kernels import decode_attention_persistent as _persistent
 from nanoflow.kernels.norm import fused_add_rms_norm, rms_norm
 from nanoflow.kernels.prefill_attention import paged_prefill_attention
@@ -19,9 +20,19 @@ from nanoflow.kernels.moe_gemm import moe_experts
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, *, out=None,
-                           max_programs: int | None = None, **kwargs):
-    """Split-KV decode on the whole device; with an SM budget, the persistent stream-K kernel whose
-    grid is the budget (it keeps the pipeline full across requests on few SMs)."""
+                           max_programs: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
+                           **kwargs):
+    """On Hopper (when the Gluon kernel is available and passed its self-check): the TMA / wgmma
+    kernel, on max_programs SMs if given, else on the SMs of the stream's green context (or the whole
+    device). Elsewhere: split-KV decode on the whole device; with an SM budget, the persistent
+    stream-K kernel whose grid is the budget. k_scale / v_scale: per-tensor fp8 KV scales."""
+    if not kwargs and _dispatch.use_hopper(q, k_cache):
+        return _dispatch.hopper_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, out=out,
+                                       max_programs=max_programs, k_scale=k_scale, v_scale=v_scale)
+    if k_scale != 1.0 or v_scale != 1.0:
+        out = paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale * k_scale, out=out,
+                                     max_programs=max_programs, **kwargs)
+        return out.mul_(v_scale)
     if max_programs is None:
         return _split_kv.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
                                                 out=out, **kwargs)
