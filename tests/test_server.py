@@ -22,6 +22,7 @@ from nanoflow.config import EngineConfig
 from nanoflow.engine.engine import LLMEngine
 from nanoflow.entrypoints.async_engine import AsyncEngine
 from nanoflow.entrypoints.openai_server import ServerThread, build_app
+from nanoflow.entrypoints.server_config import ServerConfig
 
 MODEL = "default"
 API_KEY = "s3cret"
@@ -32,10 +33,10 @@ SMALL = dict(model=MODEL, device="cpu", num_kv_blocks=1024)
 class Served:
     """An engine served over HTTP, with clients."""
 
-    def __init__(self, llm_engine: LLMEngine, api_key: str | None = None):
+    def __init__(self, llm_engine: LLMEngine, api_key: str | None = None, config: ServerConfig | None = None):
         self.llm_engine = llm_engine
         self.engine = AsyncEngine(llm_engine).start()
-        self.app = build_app(self.engine, MODEL, api_key=api_key)
+        self.app = build_app(self.engine, MODEL, api_key=api_key, config=config)
         self.http = ServerThread(self.app).start()
         self.url = self.http.url
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=api_key or "none", max_retries=0)
@@ -307,7 +308,8 @@ def test_api_key(served):
 # ---- overload and a dead engine -------------------------------------------------------------------
 def test_overload_is_503_with_retry_after_then_shutdown_is_503():
     # One running request at a time and one waiting slot: the third concurrent request is refused.
-    s = Served(LLMEngine(EngineConfig(**SMALL, max_num_seqs=1, max_waiting_requests=1)))
+    s = Served(LLMEngine(EngineConfig(**SMALL, max_num_seqs=1, max_waiting_requests=1)),
+               config=ServerConfig(keep_alive_on_engine_death=True))
     try:
         with httpx.Client(base_url=s.url, timeout=120) as a, httpx.Client(base_url=s.url, timeout=120) as b:
             long = {"prompt": "running", "max_tokens": 1500, "ignore_eos": True, "stream": True}
@@ -335,7 +337,9 @@ def test_overload_is_503_with_retry_after_then_shutdown_is_503():
 
 
 def test_engine_loop_death_ends_streams_and_turns_health_503(monkeypatch):
-    s = Served(LLMEngine(EngineConfig(**SMALL)))
+    # Kept alive after the death (as vLLM's VLLM_KEEP_ALIVE_ON_ENGINE_DEATH) to look at its answers;
+    # by default the server exits (test_server_hardening).
+    s = Served(LLMEngine(EngineConfig(**SMALL)), config=ServerConfig(keep_alive_on_engine_death=True))
     try:
         assert s.raw.get("/health").status_code == 200
         real_step = s.llm_engine.step
