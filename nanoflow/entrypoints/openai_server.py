@@ -63,10 +63,14 @@ def _install_openapi(app: FastAPI, request_models: list[type[BaseModel]]) -> Non
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+class _Serving(CompletionServing, ChatServing):
+    """Both endpoints over one tokenizer pool and one token-text cache."""
+
+
 class _Routes:
     """The small endpoints (health, models, metrics)."""
 
-    def __init__(self, serving: CompletionServing, lifecycle: ServerLifecycle, metrics: ServerMetrics):
+    def __init__(self, serving: _Serving, lifecycle: ServerLifecycle, metrics: ServerMetrics):
         self._serving, self._lifecycle, self._metrics = serving, lifecycle, metrics
 
     def _card(self) -> p.ModelCard:
@@ -99,19 +103,19 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
     async_engine.add_observer(metrics)
     lifecycle = ServerLifecycle(async_engine, config)
     pool = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="nanoflow-tokenize")
-    args = (async_engine, served_model_name, metrics, config, lifecycle, pool)
-    completions, chat = CompletionServing(*args), ChatServing(*args)
-    routes = _Routes(completions, lifecycle, metrics)
+    serving = _Serving(async_engine, served_model_name, metrics, config, lifecycle, pool)
+    routes = _Routes(serving, lifecycle, metrics)
     app = FastAPI(title="nanoflow", summary="OpenAI-compatible LLM server")
     app.state.metrics, app.state.lifecycle, app.state.config = metrics, lifecycle, config
+    app.state.serving = serving
 
     app.add_api_route("/health", routes.health, methods=["GET"])
     app.add_api_route("/metrics", routes.prometheus, methods=["GET"])
     app.add_api_route("/v1/models", routes.list_models, methods=["GET"], response_model=p.ModelList)
     app.add_api_route("/v1/models/{model_id:path}", routes.get_model, methods=["GET"], response_model=p.ModelCard)
-    app.add_api_route("/v1/completions", completions.create_completion, methods=["POST"],
+    app.add_api_route("/v1/completions", serving.create_completion, methods=["POST"],
                       openapi_extra=_json_body(p.CompletionRequest), response_model=p.CompletionResponse)
-    app.add_api_route("/v1/chat/completions", chat.create_chat_completion, methods=["POST"],
+    app.add_api_route("/v1/chat/completions", serving.create_chat_completion, methods=["POST"],
                       openapi_extra=_json_body(p.ChatCompletionRequest), response_model=p.ChatCompletionResponse)
     _install_openapi(app, [p.CompletionRequest, p.ChatCompletionRequest])
     install_error_handlers(app, metrics)

@@ -41,12 +41,12 @@ class ChatServing(OpenAIServing):
         streams = await self.submit(request_id, [ids], params)
         created = int(time.time())
         if req.stream:
-            return SSEResponse(self._stream(req, request_id, created, len(ids), streams[0]),
+            return SSEResponse(self._chat_stream(req, request_id, created, len(ids), streams[0]),
                                on_close=lambda: abort_all(streams))
         finals = await self.collect_unless_disconnected(request, streams)
         if finals is None:
             return Response(status_code=499)
-        body = await self.in_pool(self._response, req, request_id, created, len(ids), finals[0])
+        body = await self.in_pool(self._chat_response, req, request_id, created, len(ids), finals[0])
         return Response(body.model_dump_json(), media_type="application/json")
 
     def _chat_prompt(self, req: p.ChatCompletionRequest) -> list[int]:
@@ -75,11 +75,11 @@ class ChatServing(OpenAIServing):
         # The template writes the special tokens itself (BOS included).
         return self.encode([text], add_special_tokens=False)[0]
 
-    def _logprobs(self, req: p.ChatCompletionRequest, c: CompletionOutput, first: int) -> p.ChatCompletionLogProbs:
+    def _chat_choice_logprobs(self, req: p.ChatCompletionRequest, c: CompletionOutput, first: int) -> p.ChatCompletionLogProbs:
         end = len(c.token_ids)
         return self.chat_logprobs(c.token_ids[first:end], (c.logprobs or [])[first:end], req.top_logprobs or 0)
 
-    def _response(self, req: p.ChatCompletionRequest, request_id: str, created: int, prompt_len: int,
+    def _chat_response(self, req: p.ChatCompletionRequest, request_id: str, created: int, prompt_len: int,
                   out: RequestOutput) -> p.ChatCompletionResponse:
         choices = []
         for c in out.outputs:
@@ -87,12 +87,12 @@ class ChatServing(OpenAIServing):
                 raise errors.generation_failed()
             choices.append(p.ChatCompletionResponseChoice(
                 index=c.index, message=p.ChatResponseMessage(content=c.text),
-                logprobs=self._logprobs(req, c, 0) if req.logprobs else None,
+                logprobs=self._chat_choice_logprobs(req, c, 0) if req.logprobs else None,
                 finish_reason=c.finish_reason, stop_reason=c.stop_reason))
         return p.ChatCompletionResponse(id=request_id, created=created, model=self.model_name, choices=choices,
                                         usage=usage(prompt_len, sum(len(c.token_ids) for c in out.outputs)))
 
-    async def _stream(self, req: p.ChatCompletionRequest, request_id: str, created: int, prompt_len: int,
+    async def _chat_stream(self, req: p.ChatCompletionRequest, request_id: str, created: int, prompt_len: int,
                       stream: RequestStream) -> AsyncIterator[str]:
         def chunk(choices: list[p.ChatCompletionResponseStreamChoice], usage_info=None) -> str:
             return sse(p.ChatCompletionStreamResponse(id=request_id, created=created, model=self.model_name,
@@ -111,7 +111,7 @@ class ChatServing(OpenAIServing):
                     if delta is None:
                         continue
                     text, first_token = delta
-                    logprobs = await self.in_pool(self._logprobs, req, c, first_token) if req.logprobs else None
+                    logprobs = await self.in_pool(self._chat_choice_logprobs, req, c, first_token) if req.logprobs else None
                     yield chunk([p.ChatCompletionResponseStreamChoice(
                         index=c.index, delta=p.DeltaMessage(content=text), logprobs=logprobs,
                         finish_reason=c.finish_reason, stop_reason=c.stop_reason)])

@@ -28,7 +28,7 @@ class CompletionServing(OpenAIServing):
     async def create_completion(self, request: Request) -> Response:
         req = await self.parse(request, p.CompletionRequest)
         self.check_common(req)
-        prompts = await self._prompts(req)
+        prompts = await self._completion_prompts(req)
         self.check_num_seqs(len(prompts), req.n)
         explicit = "max_tokens" in req.model_fields_set and req.max_tokens is not None and not req.echo_only
         for prompt in prompts:
@@ -38,15 +38,15 @@ class CompletionServing(OpenAIServing):
         streams = await self.submit(request_id, [pr.ids for pr in prompts], params)
         created = int(time.time())
         if req.stream:
-            return SSEResponse(self._stream(req, request_id, created, prompts, streams),
+            return SSEResponse(self._completion_stream(req, request_id, created, prompts, streams),
                                on_close=lambda: abort_all(streams))
         finals = await self.collect_unless_disconnected(request, streams)
         if finals is None:
             return Response(status_code=499)
-        body = await self.in_pool(self._response, req, request_id, created, prompts, finals)
+        body = await self.in_pool(self._completion_response, req, request_id, created, prompts, finals)
         return Response(body.model_dump_json(), media_type="application/json")
 
-    async def _prompts(self, req: p.CompletionRequest) -> list[_Prompt]:
+    async def _completion_prompts(self, req: p.CompletionRequest) -> list[_Prompt]:
         prompt = req.prompt
         if isinstance(prompt, str):
             items: list[str | list[int]] = [prompt]
@@ -85,7 +85,7 @@ class CompletionServing(OpenAIServing):
             entries += (c.logprobs or [])[first:end]
         return self.completion_logprobs(ids, entries, text_offset)
 
-    def _response(self, req: p.CompletionRequest, request_id: str, created: int, prompts: list[_Prompt],
+    def _completion_response(self, req: p.CompletionRequest, request_id: str, created: int, prompts: list[_Prompt],
                   finals: list[RequestOutput]) -> p.CompletionResponse:
         choices, completion_tokens = [], 0
         for i, (prompt, out) in enumerate(zip(prompts, finals)):
@@ -103,7 +103,7 @@ class CompletionServing(OpenAIServing):
         return p.CompletionResponse(id=request_id, created=created, model=self.model_name, choices=choices,
                                     usage=usage(sum(len(pr.ids) for pr in prompts), completion_tokens))
 
-    async def _stream(self, req: p.CompletionRequest, request_id: str, created: int, prompts: list[_Prompt],
+    async def _completion_stream(self, req: p.CompletionRequest, request_id: str, created: int, prompts: list[_Prompt],
                       streams: list[RequestStream]) -> AsyncIterator[str]:
         states: dict[int, ChoiceState] = {}
         try:
@@ -113,7 +113,7 @@ class CompletionServing(OpenAIServing):
                         raise errors.generation_failed()
                     index = i * req.n + c.index
                     st = states.setdefault(index, ChoiceState())
-                    chunk = await self._chunk(req, prompts[i], out, c, st, index)
+                    chunk = await self._completion_chunk(req, prompts[i], out, c, st, index)
                     if chunk is not None:
                         yield sse(p.CompletionStreamResponse(id=request_id, created=created,
                                                              model=self.model_name, choices=[chunk]))
@@ -125,7 +125,7 @@ class CompletionServing(OpenAIServing):
             yield errors.stream_error(exc).sse()
         yield SSE_DONE
 
-    async def _chunk(self, req: p.CompletionRequest, prompt: _Prompt, out: RequestOutput, c: CompletionOutput,
+    async def _completion_chunk(self, req: p.CompletionRequest, prompt: _Prompt, out: RequestOutput, c: CompletionOutput,
                      st: ChoiceState, index: int) -> p.CompletionResponseChoice | None:
         echo = req.echo and not st.started
         if req.echo_only:
