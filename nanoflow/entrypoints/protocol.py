@@ -10,7 +10,7 @@ token (stop strings, stop token ids) have bounds too; the body itself is bounded
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
@@ -23,7 +23,7 @@ MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
 
-StopStrings = str | list[str]
+TokenIds = Annotated[list[int], Field(min_length=1)]
 
 
 class OpenAIBaseModel(BaseModel):
@@ -121,7 +121,7 @@ class _SamplingRequest(OpenAIBaseModel):
 
 # ---- completions ----------------------------------------------------------------------------------
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | TokenIds | Annotated[list[str], Field(min_length=1)] | Annotated[list[TokenIds], Field(min_length=1)]
     """A text, token ids, or a batch of either (each prompt gets n choices)."""
     max_tokens: int | None = Field(default=16, ge=0)
     """0 only with echo: the prompt is returned (with its logprobs), nothing is generated."""
