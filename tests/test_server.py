@@ -317,11 +317,13 @@ def test_engine_loop_death_ends_streams_and_turns_health_503(monkeypatch):
 
 
 # ---- `nanoflow serve` -----------------------------------------------------------------------------
-def test_nanoflow_serve_command(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_nanoflow_serve_command_and_graceful_shutdown(tmp_path, sig):
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "nanoflow.entrypoints.cli", "serve", "--port", "0", "--num-kv-blocks", "256",
-           "--api-key", "k", "--served-model-name", "tiny", "--device", "cpu", "--log-level", "info"]
+           "--api-key", "k", "--served-model-name", "tiny", "--device", "cpu", "--log-level", "info",
+           "--shutdown-timeout", "0.5"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
@@ -340,7 +342,14 @@ def test_nanoflow_serve_command(tmp_path):
         r = httpx.post(url + "/v1/completions", headers=auth, timeout=60,
                        json={"model": "tiny", "prompt": "hi", "max_tokens": 3, "ignore_eos": True})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
-        proc.send_signal(signal.SIGINT)
+        # A stream still running when the signal comes: after the drain it ends with an error and [DONE].
+        body = {"prompt": "long", "max_tokens": 1500, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", headers=auth, json=body, timeout=60) as stream:
+            events = stream.iter_lines()
+            assert next(events).startswith("data: {")
+            proc.send_signal(sig)
+            rest = [line for line in events if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["error"]["code"] == "server_shutting_down"
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
