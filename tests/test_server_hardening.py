@@ -398,3 +398,28 @@ def test_echo_with_generation_and_streaming(served):
     assert echo_only[0]["choices"][0]["finish_reason"] == "length"
     plain = served.raw.post("/v1/completions", json={"prompt": ["ab", "cd"], "echo": True, "max_tokens": 1}).json()
     assert [c["text"][:2] for c in plain["choices"]] == ["ab", "cd"] and plain["choices"][0]["logprobs"] is None
+
+
+def test_lm_eval_loglikelihood_payload(served):
+    # lm-eval's local-completions loglikelihood request: a batch of token-id prompts (context +
+    # continuation), echo, logprobs 1, max_tokens 1; it sums token_logprobs[ctxlen:-1] and checks
+    # greediness against max(top_logprobs).
+    tok = served.llm_engine.tokenizer
+    context = tok.encode("Question: what color is the sky? Answer:")
+    pairs = [context + tok.encode(" blue", add_special_tokens=False),
+             context + tok.encode(" a shade of green", add_special_tokens=False)]
+    r = served.raw.post("/v1/completions", json={"model": MODEL, "prompt": pairs, "temperature": 0, "max_tokens": 1,
+                                                 "logprobs": 1, "seed": 1234, "echo": True})
+    assert r.status_code == 200, r.text
+    choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+    assert [c["index"] for c in choices] == [0, 1]
+    zero = served.raw.post("/v1/completions", json={"prompt": pairs, "max_tokens": 0, "logprobs": 1,
+                                                    "echo": True}).json()["choices"]
+    for ids, choice, echo_only in zip(pairs, choices, zero):
+        lps = choice["logprobs"]["token_logprobs"]
+        assert len(lps) == len(ids) + 1  # the prompt and the one generated token
+        continuation = lps[len(context):-1]
+        assert len(continuation) == len(ids) - len(context) and all(isinstance(x, float) for x in continuation)
+        assert continuation == pytest.approx(echo_only["logprobs"]["token_logprobs"][len(context):], abs=1e-4)
+        for token_lp, top in zip(continuation, choice["logprobs"]["top_logprobs"][len(context):-1]):
+            assert token_lp <= max(top.values()) + 1e-6

@@ -108,8 +108,8 @@ class OpenAIServing:
     def check_token_ids(self, ids: list[int], param: str = "prompt") -> None:
         if not ids:
             raise APIError(400, f"{param} must not be empty", param=param, code="invalid_value")
-        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
+        if min(ids) < 0 or max(ids) >= self.vocab_size:  # C-speed scan first: prompts can be long
+            bad = next(t for t in ids if not 0 <= t < self.vocab_size)
             raise APIError(400, f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})",
                            param=param, code="invalid_value")
 
