@@ -94,7 +94,7 @@ def test_prompt_logprobs_agree_with_generation_logprobs(engine):
 def test_prompt_logprobs_survive_preemption():
     # A cache too small for both: the newer request is preempted and recomputed, and its prompt
     # tokens are still scored once each.
-    e = _engine(num_kv_blocks=8, block_size=16, max_num_batched_tokens=32, kv_admission_ratio=4.0)
+    e = _engine(num_kv_blocks=5, block_size=16, max_num_batched_tokens=64, kv_admission_ratio=4.0)
     preempted = []
     real_schedule = e.scheduler.schedule
 
@@ -104,13 +104,13 @@ def test_prompt_logprobs_survive_preemption():
         return out
     e.scheduler.schedule = schedule
     prompt = list(range(10, 50))
-    finals, _ = _run(e, {"a": (prompt, SamplingParams(max_tokens=60, ignore_eos=True)),
-                         "b": (prompt, SamplingParams(max_tokens=40, ignore_eos=True, prompt_logprobs=0))})
+    finals, _ = _run(e, {"a": (prompt, SamplingParams(max_tokens=30, ignore_eos=True)),
+                         "b": (prompt, SamplingParams(max_tokens=20, ignore_eos=True, prompt_logprobs=0))})
     assert "b" in preempted
     b = finals["b"]
     assert len(b.prompt_logprobs) == len(prompt) and all(len(entry) == 1 for entry in b.prompt_logprobs[1:])
-    ref, _ = _run(_engine(), {"b": (prompt, SamplingParams(max_tokens=1, prompt_logprobs=0))})
-    for got, want in zip(b.prompt_logprobs[1:], ref["b"].prompt_logprobs[1:]):
+    ref, _ = _run(e, {"ref": (prompt, SamplingParams(max_tokens=1, prompt_logprobs=0))})  # alone: no preemption
+    for got, want in zip(b.prompt_logprobs[1:], ref["ref"].prompt_logprobs[1:]):
         (t, lp), = got.items()
         assert lp.logprob == pytest.approx(want[t].logprob, abs=1e-4) and lp.rank == want[t].rank
 
