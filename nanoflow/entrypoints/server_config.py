@@ -14,9 +14,9 @@ class ServerConfig:
     port: int = 8000
     """TCP port."""
     api_key: str | None = None
-    """Require 'Authorization: Bearer KEY' on /v1/* (default: no key)."""
+    """Require 'Authorization: Bearer KEY' on /v1/* (None: no key)."""
     served_model_name: str | None = None
-    """The model name clients use (default: the --model value)."""
+    """The model name clients use (None: the --model value)."""
     retry_after: int = 1
     """Retry-After (seconds) of 503 answers when the waiting queue is full."""
     max_request_bytes: int = 8 << 20
