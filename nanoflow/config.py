@@ -53,7 +53,11 @@ class EngineConfig:
     plan: str = "sequential"
     """Pipeline plan: 'sequential', 'auto' (cached plan from `nanoflow tune`), or a plan JSON file."""
     max_waiting_requests: int = 100_000
-    """Bound of the waiting queue; add_request raises QueueFullError past it."""
+    """Bound of the waiting queue (in sequences: a request with n = 4 takes 4 places); add_request raises
+    QueueFullError past it."""
+    max_seqs_per_request: int = 256
+    """Most sequences one request may make: n in add_request (ValueError above it); the server also
+    bounds prompts x n of one HTTP request by it. Bounds what a single request can make the engine allocate."""
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "safetensors", "dummy"):
@@ -70,6 +74,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be positive, got {value}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        for name in ("max_waiting_requests", "max_seqs_per_request"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_num_seqs <= 0:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -27,7 +27,7 @@ class CompletionOutput:
     logprobs: list[dict[int, Logprob]] | None = None
     """Per generated token: the chosen token and the top-k alternatives."""
     finish_reason: str | None = None
-    """'stop', 'length' or 'abort' once finished."""
+    """'stop', 'length', 'abort' or 'error' (a step that ran it failed) once finished."""
     stop_reason: int | str | None = None
     """The stop string or stop token that ended the sequence."""
 
@@ -47,3 +47,6 @@ class RequestOutput:
     """One per sequence (n of them)."""
     finished: bool = False
     """All sequences finished."""
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    """With SamplingParams.prompt_logprobs: per prompt token, its logprob given the tokens before it
+    and the top-k alternatives (None for the first token, which has no context). Set once complete."""

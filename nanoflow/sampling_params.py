@@ -49,6 +49,9 @@ class SamplingParams:
     """Keep generating after EOS (benchmarks use it to force max_tokens)."""
     logprobs: int | None = None
     """Return the chosen token's logprob and this many top logprobs per output token (0: the chosen one only)."""
+    prompt_logprobs: int | None = None
+    """Return each prompt token's logprob (given the tokens before it) and this many top logprobs per
+    prompt token (0: the prompt token's only); what `echo` with `logprobs` and lm-eval's loglikelihood need."""
     presence_penalty: float = 0.0
     """Subtracted once from the logit of every token already in the output; in [-2, 2]."""
     frequency_penalty: float = 0.0
@@ -68,7 +71,7 @@ class SamplingParams:
         for name in ("n", "top_k", "min_tokens"):
             if not _is_int(getattr(self, name)):
                 raise ValueError(f"{name} must be an int, got {getattr(self, name)!r}")
-        for name in ("seed", "max_tokens", "logprobs"):
+        for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and not _is_int(value):
                 raise ValueError(f"{name} must be an int or None, got {value!r}")
@@ -129,8 +132,10 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be non-negative, got {self.min_tokens}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")

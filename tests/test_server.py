@@ -20,49 +20,8 @@ import pytest
 
 from nanoflow.config import EngineConfig
 from nanoflow.engine.engine import LLMEngine
-from nanoflow.entrypoints.async_engine import AsyncEngine
-from nanoflow.entrypoints.openai_server import ServerThread, build_app
-
-MODEL = "default"
-API_KEY = "s3cret"
-# A small KV cache keeps each engine's memory low; 1024 blocks of 16 tokens is plenty here.
-SMALL = dict(model=MODEL, device="cpu", num_kv_blocks=1024)
-
-
-class Served:
-    """An engine served over HTTP, with clients."""
-
-    def __init__(self, llm_engine: LLMEngine, api_key: str | None = None):
-        self.llm_engine = llm_engine
-        self.engine = AsyncEngine(llm_engine).start()
-        self.app = build_app(self.engine, MODEL, api_key=api_key)
-        self.http = ServerThread(self.app).start()
-        self.url = self.http.url
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=api_key or "none", max_retries=0)
-        auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.raw = httpx.Client(base_url=self.url, timeout=120, headers=auth)
-
-    def close(self) -> None:
-        self.raw.close()
-        self.client.close()
-        self.http.stop()
-        self.engine.shutdown()
-
-    def wait_idle(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            s = self.engine.stats()
-            if s.num_running == 0 and s.num_waiting == 0:
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"engine still busy after {timeout} s: {self.engine.stats()}")
-
-    def kv_blocks_used(self) -> int:
-        """Checks the KV accounting on the engine thread and returns the blocks in use."""
-        def check(engine: LLMEngine) -> int:
-            engine.check_kv_invariant()
-            return engine.stats().kv_blocks_used
-        return self.engine.call_in_engine_thread(check).result(timeout=30)
+from nanoflow.entrypoints.server_config import ServerConfig
+from tests.server_helpers import API_KEY, MODEL, SMALL, Served, _error
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +39,6 @@ def _chat_prompt_len(served: Served, messages: list[dict]) -> int:
     tok = served.llm_engine.tokenizer
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return len(tok.encode(text, add_special_tokens=False))
-
-
-def _error(response: httpx.Response) -> dict:
-    body = response.json()
-    assert set(body) == {"error"}
-    assert {"message", "type", "param", "code"} <= set(body["error"])
-    return body["error"]
 
 
 # ---- happy paths (official client) ----------------------------------------------------------------
@@ -307,7 +259,8 @@ def test_api_key(served):
 # ---- overload and a dead engine -------------------------------------------------------------------
 def test_overload_is_503_with_retry_after_then_shutdown_is_503():
     # One running request at a time and one waiting slot: the third concurrent request is refused.
-    s = Served(LLMEngine(EngineConfig(**SMALL, max_num_seqs=1, max_waiting_requests=1)))
+    s = Served(LLMEngine(EngineConfig(**SMALL, max_num_seqs=1, max_waiting_requests=1)),
+               config=ServerConfig(keep_alive_on_engine_death=True))
     try:
         with httpx.Client(base_url=s.url, timeout=120) as a, httpx.Client(base_url=s.url, timeout=120) as b:
             long = {"prompt": "running", "max_tokens": 1500, "ignore_eos": True, "stream": True}
@@ -335,7 +288,9 @@ def test_overload_is_503_with_retry_after_then_shutdown_is_503():
 
 
 def test_engine_loop_death_ends_streams_and_turns_health_503(monkeypatch):
-    s = Served(LLMEngine(EngineConfig(**SMALL)))
+    # Kept alive after the death (as vLLM's VLLM_KEEP_ALIVE_ON_ENGINE_DEATH) to look at its answers;
+    # by default the server exits (test_server_hardening).
+    s = Served(LLMEngine(EngineConfig(**SMALL)), config=ServerConfig(keep_alive_on_engine_death=True))
     try:
         assert s.raw.get("/health").status_code == 200
         real_step = s.llm_engine.step
@@ -362,11 +317,13 @@ def test_engine_loop_death_ends_streams_and_turns_health_503(monkeypatch):
 
 
 # ---- `nanoflow serve` -----------------------------------------------------------------------------
-def test_nanoflow_serve_command(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_nanoflow_serve_command_and_graceful_shutdown(tmp_path, sig):
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "nanoflow.entrypoints.cli", "serve", "--port", "0", "--num-kv-blocks", "256",
-           "--api-key", "k", "--served-model-name", "tiny", "--device", "cpu", "--log-level", "info"]
+           "--api-key", "k", "--served-model-name", "tiny", "--device", "cpu", "--log-level", "info",
+           "--shutdown-timeout", "0.5"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
@@ -385,7 +342,14 @@ def test_nanoflow_serve_command(tmp_path):
         r = httpx.post(url + "/v1/completions", headers=auth, timeout=60,
                        json={"model": "tiny", "prompt": "hi", "max_tokens": 3, "ignore_eos": True})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
-        proc.send_signal(signal.SIGINT)
+        # A stream still running when the signal comes: after the drain it ends with an error and [DONE].
+        body = {"prompt": "long", "max_tokens": 1500, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", headers=auth, json=body, timeout=60) as stream:
+            events = stream.iter_lines()
+            assert next(events).startswith("data: {")
+            proc.send_signal(sig)
+            rest = [line for line in events if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["error"]["code"] == "server_shutting_down"
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:

@@ -5,6 +5,7 @@ one thread calls add_request / abort_request / step (the server runs them on its
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -12,6 +13,7 @@ import torch
 
 from nanoflow.config import EngineConfig
 from nanoflow.engine.detokenizer import IncrementalDetokenizer, check_stop_token
+from nanoflow.engine import prompt_logprobs as prompt_lp
 from nanoflow.engine.kv_cache import KVCacheManager
 from nanoflow.engine.request import PENDING_TOKEN, Request, RequestStatus
 from nanoflow.engine.runner import ModelRunner, choose_num_blocks
@@ -26,11 +28,20 @@ from nanoflow.outputs import CompletionOutput, Logprob, RequestOutput
 from nanoflow.sampling_params import SamplingParams
 
 
+logger = logging.getLogger(__name__)
 _MAX_STEP_RECORDS = 1_000_000
+# A failing step fails only its requests; this many failing steps in a row (or a device error, after
+# which CUDA refuses all work) mean the engine itself is broken: step() raises EngineFatalError.
+_MAX_CONSECUTIVE_STEP_FAILURES = 3
+_DEVICE_ERRORS = tuple(t for t in (getattr(torch, "AcceleratorError", None),) if t is not None)
 
 
 class QueueFullError(RuntimeError):
     """The waiting queue is at EngineConfig.max_waiting_requests; retry later."""
+
+
+class EngineFatalError(RuntimeError):
+    """The engine cannot go on (device error, or steps keep failing); restart the process."""
 
 
 @dataclass
@@ -52,6 +63,7 @@ class _SeqState:
     generator: torch.Generator | None
     logprobs: list[dict[int, Logprob]] | None
     cumulative_logprob: float = 0.0
+    prompt_logprobs: prompt_lp.PromptLogprobState | None = None
 
 
 @dataclass
@@ -64,6 +76,7 @@ class _InFlight:
     top_logprobs_host: torch.Tensor | None
     top_ids_host: torch.Tensor | None
     event: torch.cuda.Event | None = None
+    prompt_chunks: list[prompt_lp.PromptLogprobChunk] = field(default_factory=list)
 
 
 def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -116,6 +129,7 @@ class LLMEngine:
         self._groups: dict[str, _Group] = {}
         self._arrivals = itertools.count()
         self._inflight: _InFlight | None = None
+        self._consecutive_step_failures = 0
         self._gpu_timeline: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
         self.step_times: list[tuple[float, float, int]] = []
         """(start_s, end_s, num_tokens) of every step, for benchmarks."""
@@ -139,7 +153,10 @@ class LLMEngine:
         params = params or SamplingParams()
         if request_id in self._groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
+        if params.n > self.config.max_seqs_per_request:
+            raise ValueError(f"n must be at most {self.config.max_seqs_per_request} (the server's "
+                             f"max_seqs_per_request), got {params.n}")
+        if len(self.scheduler.waiting) + params.n > self.config.max_waiting_requests:
             raise QueueFullError(f"waiting queue is full ({self.config.max_waiting_requests} requests)")
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -155,7 +172,9 @@ class LLMEngine:
             seq.engine_state = _SeqState(
                 detokenizer=detok,
                 generator=None if seed is None else make_generator(seed, self.device),
-                logprobs=[] if params.logprobs is not None else None)
+                logprobs=[] if params.logprobs is not None else None,
+                prompt_logprobs=prompt_lp.PromptLogprobState([None]) if params.prompt_logprobs is not None
+                else None)
             group.seqs.append(seq)
         capacity = self.kv.pool.num_blocks * self.kv.block_size
         if len(ids) + max_tokens > capacity:
@@ -197,7 +216,15 @@ class LLMEngine:
         if self._inflight is not None and not self._can_overlap():
             outputs += self._process(self._inflight)
             self._inflight = None
-        launched = self._launch(self.scheduler.schedule())
+        sched = self.scheduler.schedule()
+        try:
+            launched = self._launch(sched)
+        except Exception as exc:  # noqa: BLE001 - the step's requests fail, the engine goes on
+            self._step_failed(exc, "launching")
+            launched = None
+            outputs += self._fail_groups([r for r, _ in sched.scheduled])
+        else:
+            self._consecutive_step_failures = 0
         if self._inflight is not None:
             outputs += self._process(self._inflight)
         self._inflight = launched
@@ -205,6 +232,40 @@ class LLMEngine:
             outputs += self._process(launched)
             self._inflight = None
         return outputs
+
+    def _step_failed(self, exc: Exception, what: str) -> None:
+        """Logs a failed step; raises EngineFatalError when the engine cannot go on."""
+        self._consecutive_step_failures += 1
+        if isinstance(exc, _DEVICE_ERRORS) or self._consecutive_step_failures >= _MAX_CONSECUTIVE_STEP_FAILURES:
+            raise EngineFatalError(f"engine step failed while {what} ({self._consecutive_step_failures} "
+                                   f"in a row): {type(exc).__name__}: {exc}") from exc
+        logger.exception("engine step failed while %s; its requests end with finish reason 'error'", what)
+
+    def _fail_groups(self, seqs: list[Request]) -> list[RequestOutput]:
+        """Fails the user requests of `seqs` (all their sequences: finish reason 'error', KV freed)."""
+        groups = {}
+        for seq in seqs:
+            group = self._groups.get(self._parent_id(seq))
+            if group is not None:
+                groups[group.request_id] = group
+        for group in groups.values():
+            for seq in group.seqs:
+                self._fail_seq(seq)
+        return [self._make_output(g) for g in groups.values()]
+
+    def _fail_seq(self, seq: Request) -> None:
+        if seq.status.finished and not seq.num_pending_tokens:
+            return  # it ended before the failure: keep its result
+        if not seq.status.finished:
+            self.scheduler.finish(seq, RequestStatus.FINISHED_ERROR)
+        seq.status = RequestStatus.FINISHED_ERROR
+        # Placeholders of tokens still in flight are not output.
+        num_known = len(seq.output_token_ids) - seq.num_pending_tokens
+        del seq.output_token_ids[num_known:]
+        seq.num_pending_tokens = 0
+        st: _SeqState = seq.engine_state
+        if st.logprobs is not None:
+            del st.logprobs[len(seq.output_token_ids):]
 
     def _can_overlap(self) -> bool:
         # Penalties need every earlier token on the host, so those steps run synchronously.
@@ -228,6 +289,9 @@ class LLMEngine:
             generators=[r.engine_state.generator for r in sampling]))
         flight = _InFlight(sampling, out.token_ids, *[_to_host(t) for t in (
             out.token_ids, out.logprobs, out.top_logprobs, out.top_token_ids)])
+        plans = prompt_lp.plan_rows(sched.scheduled, batch)
+        if plans:
+            flight.prompt_chunks = prompt_lp.compute(self.runner, batch, plans, _to_host)
         flight.event = self._record_event(always=True)
         if gpu_start is not None:
             self._gpu_timeline.append((gpu_start, flight.event))
@@ -244,22 +308,41 @@ class LLMEngine:
         return flight
 
     def _process(self, flight: _InFlight) -> list[RequestOutput]:
-        if flight.event is not None:
-            flight.event.synchronize()
-        tokens = flight.tokens_host.tolist()
-        lp = flight.logprobs_host.tolist() if flight.logprobs_host is not None else None
-        top_lp = flight.top_logprobs_host.tolist() if flight.top_logprobs_host is not None else None
-        top_ids = flight.top_ids_host.tolist() if flight.top_ids_host is not None else None
+        try:
+            if flight.event is not None:
+                flight.event.synchronize()
+            tokens = flight.tokens_host.tolist()
+            lp = flight.logprobs_host.tolist() if flight.logprobs_host is not None else None
+            top_lp = flight.top_logprobs_host.tolist() if flight.top_logprobs_host is not None else None
+            top_ids = flight.top_ids_host.tolist() if flight.top_ids_host is not None else None
+        except Exception as exc:  # noqa: BLE001 - the step's results are lost: fail its requests
+            self._step_failed(exc, "reading its results")
+            return self._fail_groups([*flight.sampling, *(c.seq for c in flight.prompt_chunks)])
+        failed: list[Request] = []
+        for chunk in flight.prompt_chunks:
+            if not chunk.seq.status.finished or chunk.seq.num_pending_tokens:
+                try:
+                    prompt_lp.accept(chunk)
+                except Exception:  # noqa: BLE001 - this request fails alone
+                    logger.exception("prompt logprobs of %s failed", chunk.seq.request_id)
+                    failed.append(chunk.seq)
         touched: dict[str, _Group] = {}
         for row, (seq, token) in enumerate(zip(flight.sampling, tokens)):
             if seq.num_pending_tokens == 0:  # stopped or aborted after this step was launched
                 continue
-            self._accept_token(seq, token, row, lp, top_lp, top_ids)
+            try:
+                self._accept_token(seq, token, row, lp, top_lp, top_ids)
+            except Exception:  # noqa: BLE001 - this request fails alone; the others go on
+                logger.exception("accepting a token of %s failed", seq.request_id)
+                failed.append(seq)
+                continue
             parent = self._parent_id(seq)
             if parent in self._groups:
                 touched[parent] = self._groups[parent]
+        outputs = self._fail_groups(failed) if failed else []
         # Offline callers read only finished requests: skip copying every running request's tokens.
-        return [self._make_output(g) for g in touched.values() if self.stream_text or self._done(g)]
+        return outputs + [self._make_output(g) for g in touched.values()
+                          if g.request_id in self._groups and (self.stream_text or self._done(g))]
 
     def _accept_token(self, seq: Request, token: int, row: int, chosen_lp, top_lp, top_ids) -> None:
         st: _SeqState = seq.engine_state
@@ -269,7 +352,8 @@ class LLMEngine:
         if st.logprobs is not None:
             k = seq.params.logprobs or 0
             entry = {token: Logprob(chosen_lp[row])}
-            for rank, (tid, lp) in enumerate(zip(top_ids[row][:k], top_lp[row][:k]), start=1):
+            # top_ids is None when no row of the step asked for k > 0.
+            for rank, (tid, lp) in enumerate(zip(top_ids[row][:k], top_lp[row][:k]) if k else (), start=1):
                 if tid == token:
                     entry[token].rank = rank
                 else:
@@ -300,8 +384,12 @@ class LLMEngine:
 
     def _make_output(self, group: _Group) -> RequestOutput:
         outputs = []
+        prompt_logprobs = None
         for i, seq in enumerate(group.seqs):
             st: _SeqState = seq.engine_state
+            if prompt_logprobs is None and st.prompt_logprobs is not None \
+                    and st.prompt_logprobs.complete(seq.num_prompt_tokens):
+                prompt_logprobs = st.prompt_logprobs.entries  # complete: never changes again
             finished = seq.status.finished and not seq.num_pending_tokens
             if st.detokenizer is not None:
                 text = st.detokenizer.output_text if finished else st.detokenizer.visible_text
@@ -309,15 +397,19 @@ class LLMEngine:
                 text = self._decode_final(seq)
             else:
                 text = ""
+            # Only tokens the host has read: not the PENDING_TOKEN placeholders of a step in flight
+            # (streaming diffs these lists, so they must grow in step with the logprobs).
+            num_known = len(seq.output_token_ids) - seq.num_pending_tokens
             outputs.append(CompletionOutput(
-                index=i, text=text, token_ids=list(seq.output_token_ids),
+                index=i, text=text, token_ids=seq.output_token_ids[:num_known],
                 cumulative_logprob=st.cumulative_logprob if st.logprobs is not None else None,
-                logprobs=st.logprobs, finish_reason=seq.status.value if finished else None,
-                stop_reason=seq.stop_reason))
+                logprobs=st.logprobs[:num_known] if st.logprobs is not None else None,
+                finish_reason=seq.status.value if finished else None, stop_reason=seq.stop_reason))
         done = self._done(group)
         if done:
             self._groups.pop(group.request_id, None)
-        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outputs, done)
+        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outputs, done,
+                             prompt_logprobs=prompt_logprobs)
 
     def _decode_final(self, seq: Request) -> str:
         ids = seq.output_token_ids

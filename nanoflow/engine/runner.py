@@ -2,6 +2,8 @@
 into device tensors, runs the layers through the pipeline executor, and returns logits."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -141,6 +143,13 @@ class ModelRunner:
             self.graphs.run_layers(state)
         else:
             executor.run([layer.ops for layer in self.model.layers], state)
+        return self.model.compute_logits(state)
+
+    @torch.inference_mode()
+    def logits_of_rows(self, batch: ForwardBatch, rows: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of other rows of the batch forward() just ran (prompt logprobs); the workspace
+        holds their hidden states until the next forward()."""
+        state = StepState(dataclasses.replace(batch, logits_indices=rows), self.workspace, self.kv_caches)
         return self.model.compute_logits(state)
 
     def attention_share(self, batch: ForwardBatch) -> float:

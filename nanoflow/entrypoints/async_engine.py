@@ -36,6 +36,10 @@ class EngineDeadError(RuntimeError):
     """The engine loop thread is not running (stopped, or a step raised)."""
 
 
+class RequestCancelledError(RuntimeError):
+    """The server ended the request before it finished (it is shutting down)."""
+
+
 @dataclass
 class StepRecord:
     """What changed in one step, for metrics."""
@@ -137,6 +141,9 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tracked: dict[str, _Tracked] = {}  # touched only on the event loop
         self._observers: tuple[EngineObserver, ...] = ()
+        # Liveness, written by the engine thread and read by /health (plain attribute reads).
+        self._has_work = False
+        self._progress_at = time.monotonic()
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def start(self) -> "AsyncEngine":
@@ -153,6 +160,12 @@ class AsyncEngine:
 
     def is_alive(self) -> bool:
         return self._thread.is_alive() and not self._dead
+
+    def seconds_without_progress(self) -> float:
+        """How long the engine has had work without finishing a step (0 while idle)."""
+        if not self._has_work:
+            return 0.0
+        return max(0.0, time.monotonic() - self._progress_at)
 
     @property
     def error(self) -> BaseException | None:
@@ -218,6 +231,18 @@ class AsyncEngine:
             self._notify(rec)
         self._submit(("abort", request_id))
 
+    def cancel_all(self, error: BaseException) -> int:
+        """Ends every tracked request with `error` (their streams raise it) and aborts them in the
+        engine. Call on the event loop; returns how many there were."""
+        states = list(self._tracked.items())
+        for request_id, state in states:
+            if not state.accepted.done():
+                state.accepted.set_exception(error)
+            else:
+                state.mailbox.put(error)
+            self.abort(request_id)
+        return len(states)
+
     def call_in_engine_thread(self, fn: Callable[[LLMEngine], T]) -> concurrent.futures.Future[T]:
         """Runs fn(engine) on the engine thread between steps (for checks and admin tasks)."""
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
@@ -258,11 +283,15 @@ class AsyncEngine:
         while True:
             busy = engine.has_unfinished_requests()
             with self._cond:
-                while not self._commands and not self._stopping and not busy:
-                    self._cond.wait()
+                if not self._commands and not self._stopping and not busy:
+                    self._has_work = False
+                    while not self._commands and not self._stopping:
+                        self._cond.wait()
+                    self._progress_at = time.monotonic()  # the stall clock starts with the work
                 if self._stopping:
                     return
                 commands, self._commands = self._commands, []
+            self._has_work = True
             if commands:
                 self._apply(commands)
                 self._stats = engine.stats()
@@ -277,6 +306,7 @@ class AsyncEngine:
             # batch, so it is the real time per iteration, not just the launch.
             ran = stats.num_steps != steps_before
             if ran or outputs:
+                self._progress_at = time.monotonic()
                 self._post(self._on_step, outputs, end - start if ran else None, end)
             if not ran and not outputs:
                 with self._cond:
