@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from nanoflow.config import EngineConfig
+from nanoflow.memory_check import check_model_fits
 from nanoflow.models.config import ModelConfig
 from nanoflow.models.presets import PRESETS
 
@@ -138,6 +139,7 @@ def load_model(config: EngineConfig, device: torch.device, dtype: torch.dtype,
 
     if source is None:
         source = resolve_model_source(config)
+    check_model_fits(config, source.model_config, device, dtype)  # fail now, not in the OOM killer's hands
     model = LlamaForCausalLM(source.model_config, dtype=dtype, device=device)
     with torch.no_grad():
         if source.weights_dir is None:
