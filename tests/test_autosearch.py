@@ -250,22 +250,51 @@ def test_tune_cli_end_to_end_on_cpu(tmp_path, monkeypatch, capsys):
     from nanoflow.entrypoints.cli import main
     out = tmp_path / "plan.json"
     profile = tmp_path / "profile.json"
+    plans_dir = tmp_path / "plans"
     args = ["tune", "--model", "default", "--max-num-batched-tokens", "128", "--context", "32", "--quick",
-            "--reps", "1", "--cache-dir", str(tmp_path / "plans"), "--no-progress", "--no-hand-plans",
+            "--reps", "1", "--cache-dir", str(plans_dir), "--no-progress", "--no-hand-plans",
             "--output", str(out), "--profile-json", str(profile), "--device", "cpu"]
+    # On CPU nothing is cached unless asked: CPU timings say nothing about a GPU.
     assert main(args) == 0
     text = capsys.readouterr().out
-    assert "vs seq" in text and "sequential" in text and "[tune] cached" in text
+    assert "vs seq" in text and "sequential" in text and "plan cache not written (on CPU; pass --store" in text
+    assert not plans_dir.exists() or not list(plans_dir.glob("*.json"))
+    assert profile.is_file() and ProfileTable.load(profile).device == "cpu" and out.is_file()
+    # --store caches it (and a second tune reuses the stored profile)
+    assert main(args + ["--store"]) == 0
+    text = capsys.readouterr().out
+    assert "[tune] cached" in text and "reusing profile" in text
     stored = Plan.load(out)
-    assert profile.is_file() and ProfileTable.load(profile).device == "cpu"
-    files = sorted(p.name for p in (tmp_path / "plans").glob("*.json"))
+    files = sorted(p.name for p in plans_dir.glob("*.json"))
     assert len(files) == 2 and any(f.endswith("_mixed.json") for f in files)
-    # --plan auto picks it up (no warning), and a second tune reuses the stored profile
-    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "plans"))
+    # --plan auto picks it up (no warning)
+    monkeypatch.setenv(cache.CACHE_ENV, str(plans_dir))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         engine = LLMEngine(EngineConfig(model="default", device="cpu", max_num_batched_tokens=128, plan="auto"))
     assert engine.plan_name == stored.name
     assert main(args + ["--no-store"]) == 0
-    assert "reusing profile" in capsys.readouterr().out
+    assert "plan cache not written (--no-store)" in capsys.readouterr().out
+
+
+def test_tune_never_stores_a_plan_picked_from_noise(tmp_path, monkeypatch, capsys):
+    """A 1.014x 'win' while sequential's own two timings differ by 3% is noise: sequential is stored."""
+    from nanoflow.autosearch import tune
+    from nanoflow.entrypoints.cli import main
+
+    def fake_time_plans(engine, batch, plans, **kw):
+        assert len(plans) >= 3 and plans[0] is plans[-1] is SEQUENTIAL  # sequential timed first and last
+        return [100.0, 100.0 / 1.014] + [110.0] * (len(plans) - 3) + [103.0]
+
+    monkeypatch.setattr(tune, "time_plans", fake_time_plans)
+    out = tmp_path / "plan.json"
+    args = ["tune", "--model", "default", "--max-num-batched-tokens", "128", "--context", "32", "--quick",
+            "--cache-dir", str(tmp_path / "plans"), "--no-progress", "--no-hand-plans", "--top-k", "1",
+            "--output", str(out), "--profile-json", str(tmp_path / "profile.json"), "--device", "cpu", "--store"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "no candidate beat sequential by the 1.060x its two timings need" in text
+    assert "* sequential" in text and len(Plan.load(out).streams) == 1
+    assert tune.required_speedup(100.0, 100.0) == tune.MIN_STORED_SPEEDUP
+    assert tune.required_speedup(100.0, 103.0) == pytest.approx(1.06)
     assert main(["tune", "--model", "default", "--tp", "2"]) == 2
