@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -163,3 +164,20 @@ def test_readme_nanoflow_lines_parse():
     for argv in commands:
         args = build_parser(argv).parse_args(argv)
         assert callable(args.func), argv
+
+
+def test_openmp_wait_policy_passive_on_cpu_hosts_only():
+    from nanoflow.entrypoints.cli import passive_openmp_env
+    assert passive_openmp_env({}, gpu_present=False, torch_loaded=False) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert passive_openmp_env({}, gpu_present=True, torch_loaded=False) == {}
+    assert passive_openmp_env({}, gpu_present=False, torch_loaded=True) == {}   # too late to matter
+    assert passive_openmp_env({"OMP_WAIT_POLICY": "ACTIVE"}, gpu_present=False, torch_loaded=False) == {}
+    assert passive_openmp_env({"GOMP_SPINCOUNT": "1000"}, gpu_present=False, torch_loaded=False) == {}
+    probe = ("import os; from nanoflow.entrypoints.cli import main\n"
+             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+             "print('policy', os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, env=env,
+                         timeout=120).stdout
+    expected = "None" if Path("/dev/nvidiactl").exists() else "PASSIVE"
+    assert f"policy {expected}" in out

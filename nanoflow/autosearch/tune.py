@@ -186,14 +186,7 @@ def _tune(args: argparse.Namespace) -> int:
     seq_ms, seq_again_ms = measured[0], measured[-1]
     auto = list(zip(chosen, measured[1:1 + len(chosen)]))
     hand = list(zip(hand_names, measured[1 + len(chosen):-1]))
-    best, best_ms = min(auto, key=lambda p: p[1]) if auto else (seq_cand, seq_ms)
-    margin = required_speedup(seq_ms, seq_again_ms)
-    if best_ms * margin > min(seq_ms, seq_again_ms):
-        winner, winner_ms = seq_cand, seq_ms
-        why = (f"no candidate beat sequential by the {margin:.3f}x its two timings need "
-               f"({seq_ms:.3f} / {seq_again_ms:.3f} ms; best {best.name} {seq_ms / best_ms:.3f}x): sequential")
-    else:
-        winner, winner_ms, why = best, best_ms, f"{best.name} is {seq_ms / best_ms:.3f}x sequential"
+    winner, winner_ms, why = choose_winner(seq_cand, seq_ms, seq_again_ms, auto, engine.device.type)
 
     # 4. summary, cache, outputs
     _print_summary(seq_cand, seq_ms, auto, hand, winner)
@@ -243,6 +236,21 @@ def required_speedup(seq_ms: float, seq_again_ms: float) -> float:
     of sequential's two timings when that is larger (a plan picked from noise must never be cached)."""
     noise = abs(seq_ms - seq_again_ms) / min(seq_ms, seq_again_ms)
     return max(MIN_STORED_SPEEDUP, 1.0 + 2.0 * noise)
+
+
+def choose_winner(seq_cand, seq_ms: float, seq_again_ms: float, auto: list, device_type: str):
+    """(winner, its ms, why) from the validated candidates [(candidate, ms)]. Sequential unless a plan
+    beats both of sequential's timings by required_speedup; always sequential off CUDA, where streams do
+    not run concurrently and a measured gain can only be noise (a busy 2-core host once showed 9x)."""
+    best, best_ms = min(auto, key=lambda p: p[1]) if auto else (seq_cand, seq_ms)
+    gain = f"best {best.name} {seq_ms / best_ms:.3f}x, sequential {seq_ms:.3f} / {seq_again_ms:.3f} ms"
+    if device_type != "cuda":
+        return seq_cand, seq_ms, (f"no plan can beat sequential on {device_type} (streams do not overlap), so "
+                                  f"any measured gain is noise ({gain}): sequential")
+    margin = required_speedup(seq_ms, seq_again_ms)
+    if best_ms * margin > min(seq_ms, seq_again_ms):
+        return seq_cand, seq_ms, f"no candidate beat sequential by the {margin:.3f}x its timings need ({gain}): sequential"
+    return best, best_ms, f"{best.name} is {seq_ms / best_ms:.3f}x sequential (needed {margin:.3f}x)"
 
 
 def _green_variants(engine, chosen: list) -> list:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import shlex
 import sys
@@ -221,6 +222,8 @@ def run_throughput(**kwargs) -> dict:
         "torch_version": torch.__version__,
         "triton_version": _version("triton"),
         "transformers_version": _version("transformers"),
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "command": opts.command or _api_command(kwargs),
         "model": opts.model,
         "load_format": opts.load_format,
