@@ -83,7 +83,9 @@ def device_memory(device: torch.device, gpu_memory_utilization: float = 1.0) -> 
         return None if available is None else DeviceMemory(available, "available host RAM (MemAvailable)")
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        budget = int(total * gpu_memory_utilization) - (total - free)  # what choose_num_blocks sizes from
+        # Blocks torch's caching allocator holds but does not use are free to this process.
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        budget = int(total * gpu_memory_utilization) - (total - free) + cached
         return DeviceMemory(max(budget, 0), f"free on {device} ({gib(free)} free of {gib(total)}, "
                                             f"gpu_memory_utilization {gpu_memory_utilization:g})")
     return None

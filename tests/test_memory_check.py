@@ -110,6 +110,8 @@ def test_cuda_free_memory_is_what_counts(monkeypatch):
     """The GPU side without a GPU: torch.cuda.mem_get_info faked at 80 GB with 10 GB in use."""
     monkeypatch.delenv(memory_check.SKIP_ENV, raising=False)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (70 * GIB, 80 * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
     cuda = torch.device("cuda", 0)
     config = EngineConfig(model="llama-3-70b", device="cuda")
     need = check_model_fits(EngineConfig(model="llama-3-8b"), PRESETS["llama-3-8b"], cuda, torch.bfloat16)

@@ -153,6 +153,8 @@ def _tune(args: argparse.Namespace) -> int:
         print(f"[tune] reusing profile {args.profile_json} ({wl.describe()})")
     else:
         budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else None
+        print(f"[tune] profiling the layer's ops on {key.device} ({'quick' if args.quick else 'full'}) ...",
+              flush=True)
         table = profile_engine(engine, wl, quick=args.quick, memory_budgets=budgets,
                                max_seconds=args.max_profile_seconds, progress=progress)
         profile_path = Path(args.profile_json) if args.profile_json else \
