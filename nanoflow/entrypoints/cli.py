@@ -32,7 +32,8 @@ class Command:
 
 
 COMMANDS: dict[str, Command | dict[str, Command]] = {
-    "generate": Command("generate text for prompts (offline)", __name__, "add_generate_args", "run_generate"),
+    "generate": Command("generate text for prompts (offline)", "nanoflow.entrypoints.cli", "add_generate_args",
+                        "run_generate"),
     "serve": Command("OpenAI-compatible HTTP server", "nanoflow.entrypoints.openai_server"),
     "bench": {
         "throughput": Command("offline throughput and %% of optimal", "nanoflow.bench.throughput"),
