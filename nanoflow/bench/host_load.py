@@ -2,7 +2,8 @@
 shared machine say that they are unreliable.
 
 On a 2-core machine, torch's two OpenMP threads and one busy neighbour make every parallel region wait for
-a descheduled thread: the same warm-up took 9 s alone and 100-260 s beside other test suites.
+a descheduled thread: the same warm-up took 9-12 s alone and 27-266 s beside other test suites (the
+`nanoflow` command therefore sets OMP_WAIT_POLICY=PASSIVE on CPU-only hosts).
 """
 from __future__ import annotations
 

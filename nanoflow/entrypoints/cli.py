@@ -218,7 +218,7 @@ def passive_openmp_env(environ: dict[str, str], gpu_present: bool, torch_loaded:
     """OMP_WAIT_POLICY=PASSIVE on CPU-only hosts, unless the user set an OpenMP option or torch is loaded
     (libgomp reads it once, when torch loads). torch's OpenMP threads otherwise spin between parallel
     regions: with another busy process on a 2-core machine every region waits for a descheduled thread,
-    and the same warm-up took 9 s alone but 100-260 s beside other work (passive: 12-33 s)."""
+    and the same warm-up took 9-12 s alone but 27-266 s beside other work (passive: 12-14 s and 12-34 s)."""
     if gpu_present or torch_loaded or any(name in environ for name in OPENMP_ENV):
         return {}
     return {"OMP_WAIT_POLICY": "PASSIVE"}
