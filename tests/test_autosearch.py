@@ -250,22 +250,43 @@ def test_tune_cli_end_to_end_on_cpu(tmp_path, monkeypatch, capsys):
     from nanoflow.entrypoints.cli import main
     out = tmp_path / "plan.json"
     profile = tmp_path / "profile.json"
+    plans_dir = tmp_path / "plans"
     args = ["tune", "--model", "default", "--max-num-batched-tokens", "128", "--context", "32", "--quick",
-            "--reps", "1", "--cache-dir", str(tmp_path / "plans"), "--no-progress", "--no-hand-plans",
+            "--reps", "1", "--cache-dir", str(plans_dir), "--no-progress", "--no-hand-plans",
             "--output", str(out), "--profile-json", str(profile), "--device", "cpu"]
+    # On CPU nothing is cached unless asked: CPU timings say nothing about a GPU.
     assert main(args) == 0
     text = capsys.readouterr().out
-    assert "vs seq" in text and "sequential" in text and "[tune] cached" in text
+    assert "vs seq" in text and "sequential" in text and "plan cache not written (on CPU; pass --store" in text
+    assert not plans_dir.exists() or not list(plans_dir.glob("*.json"))
+    assert profile.is_file() and ProfileTable.load(profile).device == "cpu" and out.is_file()
+    # --store caches it (and a second tune reuses the stored profile)
+    assert main(args + ["--store"]) == 0
+    text = capsys.readouterr().out
+    assert "[tune] cached" in text and "reusing profile" in text and "* sequential" in text  # CPU: sequential
     stored = Plan.load(out)
-    assert profile.is_file() and ProfileTable.load(profile).device == "cpu"
-    files = sorted(p.name for p in (tmp_path / "plans").glob("*.json"))
+    files = sorted(p.name for p in plans_dir.glob("*.json"))
     assert len(files) == 2 and any(f.endswith("_mixed.json") for f in files)
-    # --plan auto picks it up (no warning), and a second tune reuses the stored profile
-    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "plans"))
+    # --plan auto picks it up (no warning)
+    monkeypatch.setenv(cache.CACHE_ENV, str(plans_dir))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         engine = LLMEngine(EngineConfig(model="default", device="cpu", max_num_batched_tokens=128, plan="auto"))
     assert engine.plan_name == stored.name
-    assert main(args + ["--no-store"]) == 0
-    assert "reusing profile" in capsys.readouterr().out
     assert main(["tune", "--model", "default", "--tp", "2"]) == 2
+
+
+def test_tune_never_stores_a_plan_picked_from_noise():
+    from nanoflow.autosearch.tune import MIN_STORED_SPEEDUP, choose_winner, required_speedup
+    seq, plan = SimpleNamespace(name="sequential"), SimpleNamespace(name="auto-2")
+    assert required_speedup(100.0, 100.0) == MIN_STORED_SPEEDUP
+    assert required_speedup(100.0, 103.0) == pytest.approx(1.06)
+    # A 1.014x 'win' while sequential's own two timings differ by 3% is noise.
+    winner, ms, why = choose_winner(seq, 100.0, 103.0, [(plan, 100.0 / 1.014)], "cuda")
+    assert winner is seq and ms == 100.0 and "1.060x" in why
+    winner, _, _ = choose_winner(seq, 100.0, 100.5, [(plan, 80.0)], "cuda")
+    assert winner is plan
+    assert choose_winner(seq, 100.0, 100.0, [], "cuda")[0] is seq
+    # On CPU streams do not overlap: even a 9x 'win' (seen on a busy 2-core host) is noise.
+    winner, _, why = choose_winner(seq, 19_000.0, 19_500.0, [(plan, 2_000.0)], "cpu")
+    assert winner is seq and "noise" in why

@@ -45,8 +45,10 @@ def test_bench_against_server_prints_vllm_rows(server_url, tmp_path, capsys):
     out = tmp_path / "result.json"
     rc = run_from_args(_args("--base-url", server_url, "--workload", "constant:12:4", "--num-requests", "6",
                              "--request-rate", "inf", "--seed", "1", "--output-json", str(out)))
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert rc == 0
+    assert "requests: 100%" in captured.err and "6/6" in captured.err  # the progress bar (stderr)
     lines = printed.splitlines()
     position = [next(i for i, line in enumerate(lines) if line.startswith(row)) for row in VLLM_ROWS]
     assert position == sorted(position)  # every row, in vLLM's order

@@ -20,6 +20,40 @@ def test_gemm_peak_on_cpu_is_small_and_flagged():
     assert measure_gemm_peak_tflops("cpu", n=32) > 0
 
 
+def test_cpu_gemm_peak_in_the_model_dtype_within_seconds(capsys):
+    """The CPU peak once took 38-60 s, silently, in bf16 against an fp32 model ('327% of optimal')."""
+    import time
+
+    import torch
+
+    from nanoflow.bench.throughput import _gemm_peak
+    t0 = time.perf_counter()
+    peak = _gemm_peak(torch.device("cpu"), torch.float32)
+    assert time.perf_counter() - t0 < 5.0
+    assert peak.dtype == "float32" and peak.illustrative
+    printed = capsys.readouterr().out
+    assert "[bench] measuring the GEMM peak (float32" in printed and "[bench] GEMM peak" in printed
+    # n halves until the matmuls fit the time budget
+    assert measure_gemm_peak("cpu", n=1024, cpu_max_seconds=1e-9).n == 64
+
+
+def test_host_load_meter_sees_other_processes():
+    import subprocess
+    import sys
+
+    from nanoflow.bench.host_load import HostLoad, HostLoadMeter
+    with HostLoadMeter() as meter:
+        subprocess.run([sys.executable, "-c", "import time; t = time.process_time()\n"
+                        "while time.process_time() - t < 0.5: pass"], check=True)
+    if meter.result is None:
+        pytest.skip("no /proc/stat here")
+    assert meter.result.other_cpu_s >= 0.4  # the child is another process
+    quiet = HostLoad(wall_s=10.0, own_cpu_s=20.0, other_cpu_s=0.5, num_cpus=2)
+    busy = HostLoad(wall_s=10.0, own_cpu_s=12.0, other_cpu_s=9.0, num_cpus=2)
+    assert not quiet.contended and quiet.warning("timed run") is None
+    assert busy.contended and "45% of the 2 CPUs during the timed run" in busy.warning("timed run")
+
+
 def test_gemm_peak_needs_ten_timed_matmuls():
     with pytest.raises(ValueError, match="iters"):
         measure_gemm_peak("cpu", n=32, iters=9)
@@ -114,7 +148,8 @@ def test_end_to_end_cpu_run_with_compare_and_hf_baseline(tmp_path):
     assert saved["total_tokens_per_s"] == pytest.approx((128 + 64) / saved["wall_s"])
     assert saved["optimal_tokens_per_s"] == pytest.approx(saved["gemm_peak_tflops"] * 1e12 / (2 * p))
     assert saved["pct_of_optimal"] == pytest.approx(100 * saved["total_tokens_per_s"] / saved["optimal_tokens_per_s"])
-    assert saved["gemm"]["illustrative"] is True
+    assert saved["gemm"]["illustrative"] is True and saved["gemm"]["dtype"] == "float32"  # the model's
+    assert saved["host_load"]["own_cpu_s"] > 0 and saved["compare"]["host_load"] is not None
     # Only the timed run's steps are counted (not the warm-up's): each request feeds its prompt and all
     # but its last output token through the dense batch.
     assert saved["steps"]["num_steps"] > 0 and saved["steps"]["steady_steps"] > 0

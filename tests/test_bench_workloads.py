@@ -1,13 +1,14 @@
 """Workload specs, trace loading / filtering, and seeded request sampling (nanoflow.bench.workloads)."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
 
 from nanoflow.bench.workloads import (
-    MAX_INPUT_TOKENS, MAX_OUTPUT_TOKENS, NAMED_TRACES, TOKEN_ID_MARGIN, TRACE_DIR_ENV, Workload,
-    default_trace_dirs, filter_rows, find_trace_file, load_trace, parse_workload, sample_requests)
+    MAX_INPUT_TOKENS, MAX_OUTPUT_TOKENS, NAMED_TRACES, PACKAGED_TRACE_DIR, TOKEN_ID_MARGIN, TRACE_DIR_ENV,
+    Workload, default_trace_dirs, filter_rows, find_trace_file, load_trace, parse_workload, sample_requests)
 
 VOCAB = 1000
 
@@ -74,11 +75,52 @@ def test_trace_dir_from_environment(tmp_path, monkeypatch):
 def test_default_search_order_without_environment(monkeypatch, tmp_path):
     monkeypatch.delenv(TRACE_DIR_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
-    dirs = default_trace_dirs()
+    assert default_trace_dirs() == [PACKAGED_TRACE_DIR]
+    monkeypatch.setenv(TRACE_DIR_ENV, str(tmp_path))
+    assert default_trace_dirs() == [tmp_path, PACKAGED_TRACE_DIR]  # the environment's folder first
+
+
+@pytest.mark.parametrize("name", sorted(NAMED_TRACES))
+def test_named_traces_come_from_the_package(name, monkeypatch, tmp_path):
+    """An installed package has no sibling ../shared folder: the three traces ship inside it."""
+    monkeypatch.delenv(TRACE_DIR_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert parse_workload(name).path == PACKAGED_TRACE_DIR / f"{name}.csv"
+    # The environment's folder and --trace-dir still come first.
+    own = write_csv(tmp_path / "own" / NAMED_TRACES[name], [("XXX", 5, 6)])
+    monkeypatch.setenv(TRACE_DIR_ENV, str(tmp_path / "own"))
+    assert parse_workload(name).path == own
+    monkeypatch.setenv(TRACE_DIR_ENV, str(tmp_path / "empty"))
+    assert parse_workload(name).path == PACKAGED_TRACE_DIR / f"{name}.csv"
+    with pytest.raises(FileNotFoundError, match="--trace-dir"):  # an explicit folder is the only one read
+        parse_workload(name, trace_dir=tmp_path / "empty")
+
+
+def test_packaged_traces_name_their_sources_and_licences():
+    sources = (PACKAGED_TRACE_DIR / "SOURCES.md").read_text()
+    for name in NAMED_TRACES:
+        assert f"{name}.csv" in sources
+    assert "CC-BY 4.0" in sources and "Attribution" in sources and "Apache-2.0" in sources
+    assert "github.com/Azure/AzurePublicDataset" in sources and "github.com/efeslab/Nanoflow" in sources
+    for name in NAMED_TRACES:  # sha256 recorded there matches the shipped bytes
+        digest = hashlib.sha256((PACKAGED_TRACE_DIR / f"{name}.csv").read_bytes()).hexdigest()
+        assert digest in sources, name
+
+
+def test_package_data_covers_every_data_file():
+    """pyproject's package-data must match every non-Python file in the package, or a
+    non-editable install (a wheel) silently lacks it (it lacked the built-in plans once)."""
+    import fnmatch
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
     repo = Path(__file__).resolve().parents[1]
-    assert dirs[0] == repo.parent / "shared" / "traces"
-    assert dirs[1] == tmp_path / ".carry" / "traces"
-    assert repo / ".carry" / "traces" in dirs
+    patterns = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["nanoflow"]
+    package = repo / "nanoflow"
+    data = [p.relative_to(package).as_posix() for p in package.rglob("*")
+            if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts]
+    assert any(d.startswith("bench/traces/") for d in data) and any(d.startswith("pipeline/plans/") for d in data)
+    missing = [d for d in data if not any(fnmatch.fnmatch(d, pat) for pat in patterns)]
+    assert not missing, f"not in [tool.setuptools.package-data]: {missing}"
 
 
 # ---- trace files ----------------------------------------------------------------------------------
@@ -211,12 +253,9 @@ def test_workload_describe(tmp_path):
     assert Workload(spec="constant:1:1", kind="constant", input_len=1, output_len=1).describe() == "constant:1:1"
 
 
-# ---- the real traces (../shared/traces), when this checkout has them -----------------------------
+# ---- the real traces (shipped in the package) ----------------------------------------------------
 def _real_trace(name: str) -> Workload:
-    try:
-        return parse_workload(name)
-    except FileNotFoundError as e:
-        pytest.skip(f"trace CSVs not available in this checkout: {e}")
+    return parse_workload(name, trace_dir=PACKAGED_TRACE_DIR)
 
 
 def test_real_splitwise_trace():

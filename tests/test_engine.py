@@ -142,7 +142,7 @@ def test_stop_string_and_eos_through_engine(ckpt):
 
 def test_cli_generate_default_model(capsys):
     assert cli_main(["generate", "Hello", "--max-tokens", "5", "--device", "cpu"]) == 0
-    assert capsys.readouterr().out.startswith("Hello")
+    assert capsys.readouterr().out.startswith("Prompt:     'Hello'\nCompletion: ")
 
 
 def test_fp8_kv_cache_quarter_bytes_and_close_logits(ckpt):

@@ -1,6 +1,7 @@
 """`nanoflow tune --model M`: profile the layer's ops on this device, search pipeline plans with the
 MILP (stage 1, then SM shares + interference in stage 2), run the best few for real on the same
-synthetic dense batch, and cache the fastest (never one slower than sequential) for `--plan auto`.
+synthetic dense batch, and cache the fastest for `--plan auto` (sequential unless a plan beats it beyond
+the timing noise; on CPU only with --store).
 
     nanoflow tune --model llama-3-8b --quick           # ~2-3 minutes on an H200
     nanoflow tune --model llama-3-8b --workload splitwise --output plan.json --gantt plan.png
@@ -41,7 +42,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     t.add_argument("--output", default=None, help="also write the chosen plan's JSON to this file")
     t.add_argument("--gantt", default=None,
                    help="draw the chosen plan: measured timeline to this PNG, MILP schedule to *-predicted.png")
-    t.add_argument("--no-store", action="store_true", help="do not write the plan cache")
+    t.add_argument("--store", action=argparse.BooleanOptionalAction, default=None,
+                   help="write the plan cache that --plan auto reads (default: on a GPU yes; on CPU no, since "
+                        "CPU timings say nothing about a GPU's)")
     t.add_argument("--no-hand-plans", action="store_true",
                    help="do not time the built-in hand plans (overlap-2, nano-4) for reference")
     t.add_argument("--cache-dir", default=None, help="plan cache folder (default $NANOFLOW_CACHE_DIR or "
@@ -150,6 +153,8 @@ def _tune(args: argparse.Namespace) -> int:
         print(f"[tune] reusing profile {args.profile_json} ({wl.describe()})")
     else:
         budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else None
+        print(f"[tune] profiling the layer's ops on {key.device} ({'quick' if args.quick else 'full'}) ...",
+              flush=True)
         table = profile_engine(engine, wl, quick=args.quick, memory_budgets=budgets,
                                max_seconds=args.max_profile_seconds, progress=progress)
         profile_path = Path(args.profile_json) if args.profile_json else \
@@ -174,19 +179,16 @@ def _tune(args: argparse.Namespace) -> int:
     # 3. validate for real
     t = time.perf_counter()
     hand_names = [] if args.no_hand_plans else _hand_plans(engine)
-    plans = [SEQUENTIAL] + [c.plan for c in chosen] + [load_plan(n) for n in hand_names]
+    # Sequential is timed first and again last: the two medians' gap is the noise a winner must beat.
+    plans = [SEQUENTIAL] + [c.plan for c in chosen] + [load_plan(n) for n in hand_names] + [SEQUENTIAL]
     reps = args.reps or (3 if args.quick else 5)
     with dense_batch(engine, wl) as batch:
         measured = time_plans(engine, batch, plans, reps=reps, rounds=1 if args.quick else 2, progress=progress)
     phases["validate"] = time.perf_counter() - t
-    seq_ms = measured[0]
+    seq_ms, seq_again_ms = measured[0], measured[-1]
     auto = list(zip(chosen, measured[1:1 + len(chosen)]))
-    hand = list(zip(hand_names, measured[1 + len(chosen):]))
-    best, best_ms = min(auto, key=lambda p: p[1]) if auto else (seq_cand, seq_ms)
-    if best_ms >= seq_ms:
-        winner, winner_ms, why = seq_cand, seq_ms, "no candidate beat sequential: storing sequential"
-    else:
-        winner, winner_ms, why = best, best_ms, f"{best.name} is {seq_ms / best_ms:.3f}x sequential"
+    hand = list(zip(hand_names, measured[1 + len(chosen):-1]))
+    winner, winner_ms, why = choose_winner(seq_cand, seq_ms, seq_again_ms, auto, engine.device.type)
 
     # 4. summary, cache, outputs
     _print_summary(seq_cand, seq_ms, auto, hand, winner)
@@ -205,7 +207,11 @@ def _tune(args: argparse.Namespace) -> int:
             "measured_ms_per_step": winner_ms, "sequential_ms_per_step": seq_ms,
             "hand_plans_ms_per_step": dict(hand), "profile_device": table.device,
             "torch": table.torch_version, "triton": table.triton_version}
-    if not args.no_store:
+    store = args.store if args.store is not None else engine.device.type == "cuda"
+    if not store:
+        reason = "--no-store" if args.store is False else "on CPU; pass --store to write it"
+        print(f"[tune] plan cache not written ({reason})")
+    else:
         path = cache.store_plan(plan, key, meta, args.cache_dir)
         print(f"[tune] cached {plan.name} for class {wl.name!r}: {path}")
         if wl.name != MIXED:
@@ -221,6 +227,32 @@ def _tune(args: argparse.Namespace) -> int:
     phases["total"] = time.perf_counter() - t_all
     print("[tune] time: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
     return 0
+
+
+MIN_STORED_SPEEDUP = 1.02
+"""A plan replaces sequential only when it is at least this much faster (and beyond the timing noise)."""
+
+
+def required_speedup(seq_ms: float, seq_again_ms: float) -> float:
+    """Speed-up over sequential a plan needs to be chosen: MIN_STORED_SPEEDUP, or twice the relative gap
+    of sequential's two timings when that is larger (a plan picked from noise must never be cached)."""
+    noise = abs(seq_ms - seq_again_ms) / min(seq_ms, seq_again_ms)
+    return max(MIN_STORED_SPEEDUP, 1.0 + 2.0 * noise)
+
+
+def choose_winner(seq_cand, seq_ms: float, seq_again_ms: float, auto: list, device_type: str):
+    """(winner, its ms, why) from the validated candidates [(candidate, ms)]. Sequential unless a plan
+    beats both of sequential's timings by required_speedup; always sequential off CUDA, where streams do
+    not run concurrently and a measured gain can only be noise (a busy 2-core host once showed 9x)."""
+    best, best_ms = min(auto, key=lambda p: p[1]) if auto else (seq_cand, seq_ms)
+    gain = f"best {best.name} {seq_ms / best_ms:.3f}x, sequential {seq_ms:.3f} / {seq_again_ms:.3f} ms"
+    if device_type != "cuda":
+        return seq_cand, seq_ms, (f"no plan can beat sequential on {device_type} (streams do not overlap), so "
+                                  f"any measured gain is noise ({gain}): sequential")
+    margin = required_speedup(seq_ms, seq_again_ms)
+    if best_ms * margin > min(seq_ms, seq_again_ms):
+        return seq_cand, seq_ms, f"no candidate beat sequential by the {margin:.3f}x its timings need ({gain}): sequential"
+    return best, best_ms, f"{best.name} is {seq_ms / best_ms:.3f}x sequential (needed {margin:.3f}x)"
 
 
 def _green_variants(engine, chosen: list) -> list:

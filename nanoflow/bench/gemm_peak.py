@@ -1,8 +1,9 @@
 """Dense GEMM peak (NanoFlow's C): the median of timed n x n x n matmuls on random data, after warm-up.
 
 On CUDA each matmul is timed with CUDA events (n = 8192, bf16, as BENCHMARKING.md asks). On CPU an
-8192^3 matmul takes seconds, so n is capped (`cpu_max_n`) and the result is flagged `illustrative`: a
-% of optimal computed from it says little.
+8192^3 matmul takes seconds, so n is capped (`cpu_max_n`, and smaller still when the matmuls would take
+longer than `cpu_max_seconds`), the caller passes the model's dtype (a bf16 peak against an fp32 model
+gave "327% of optimal"), and the result is flagged `illustrative`: a % of optimal from it says little.
 """
 from __future__ import annotations
 
@@ -50,8 +51,9 @@ def device_name(device: torch.device | str) -> str:
 
 def measure_gemm_peak(device: torch.device | str, n: int = 8192, iters: int = 10,
                       dtype: torch.dtype = torch.bfloat16, warmup: int = 3,
-                      cpu_max_n: int = 1024) -> GemmPeak:
-    """Median TFLOP/s of `iters` timed n^3 matmuls after `warmup` untimed ones (n capped on CPU)."""
+                      cpu_max_n: int = 1024, cpu_max_seconds: float = 3.0) -> GemmPeak:
+    """Median TFLOP/s of `iters` timed n^3 matmuls after `warmup` untimed ones. On CPU n is capped at
+    cpu_max_n and halved (down to 64) until the matmuls are expected to take at most cpu_max_seconds."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -63,11 +65,18 @@ def measure_gemm_peak(device: torch.device | str, n: int = 8192, iters: int = 10
         raise ValueError(f"warmup must be at least 1, got {warmup}")
     if device.type == "cpu":
         n = min(n, cpu_max_n)
-    generator = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, generator=generator, device=device, dtype=dtype)
-    b = torch.randn(n, n, generator=generator, device=device, dtype=dtype)
-    c = torch.empty(n, n, device=device, dtype=dtype)
-    for _ in range(warmup):
+    while True:
+        generator = torch.Generator(device=device).manual_seed(0)
+        a = torch.randn(n, n, generator=generator, device=device, dtype=dtype)
+        b = torch.randn(n, n, generator=generator, device=device, dtype=dtype)
+        c = torch.empty(n, n, device=device, dtype=dtype)
+        t0 = time.perf_counter()
+        torch.matmul(a, b, out=c)  # the first warm-up matmul, timed on CPU to bound the whole measurement
+        one = time.perf_counter() - t0
+        if device.type != "cpu" or n <= 64 or one * (warmup + iters) <= cpu_max_seconds:
+            break
+        n //= 2
+    for _ in range(warmup - 1):
         torch.matmul(a, b, out=c)
     seconds = _time_cuda(a, b, c, iters) if device.type == "cuda" else _time_host(a, b, c, iters)
     flops = 2.0 * n ** 3

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from tqdm import tqdm
 
 from nanoflow.bench.workloads import BenchRequest, parse_workload, sample_requests
 
@@ -134,8 +135,9 @@ def arrival_offsets(num_requests: int, request_rate: float, seed: int) -> list[f
 async def run_serving_benchmark(base_url: str, requests: Sequence[BenchRequest], request_rate: float = math.inf,
                                 *, model: str | None = None, api_key: str | None = None, seed: int = 0,
                                 max_concurrency: int | None = None, temperature: float = 0.0,
-                                warmup: bool = True) -> dict[str, Any]:
-    """Replays `requests` against `base_url` and returns the metrics (see `compute_metrics`)."""
+                                warmup: bool = True, use_tqdm: bool = False) -> dict[str, Any]:
+    """Replays `requests` against `base_url` and returns the metrics (see `compute_metrics`);
+    use_tqdm: a progress bar of finished requests (on stderr)."""
     if not requests:
         raise ValueError("no requests to send")
     if max_concurrency is not None and max_concurrency <= 0:
@@ -152,18 +154,30 @@ async def run_serving_benchmark(base_url: str, requests: Sequence[BenchRequest],
             if not probe.success:
                 raise ValueError(f"the test request failed: {probe.error}")
         gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+        bar = tqdm(total=len(requests), desc="requests", unit="req", dynamic_ncols=True, disable=not use_tqdm)
+        failed = 0
         t0 = time.perf_counter()
 
         async def one(req: BenchRequest, offset: float) -> RequestResult:
+            nonlocal failed
             delay = t0 + offset - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
             if gate is None:
-                return await _send(client, url, headers, model, req, temperature, t0)
-            async with gate:
-                return await _send(client, url, headers, model, req, temperature, t0)
+                res = await _send(client, url, headers, model, req, temperature, t0)
+            else:
+                async with gate:
+                    res = await _send(client, url, headers, model, req, temperature, t0)
+            failed += not res.success
+            if failed:
+                bar.set_postfix_str(f"{failed} failed", refresh=False)
+            bar.update(1)
+            return res
 
-        results = await asyncio.gather(*(one(r, o) for r, o in zip(requests, offsets)))
+        try:
+            results = await asyncio.gather(*(one(r, o) for r, o in zip(requests, offsets)))
+        finally:
+            bar.close()
         duration = time.perf_counter() - t0
     metrics = compute_metrics(results, duration)
     metrics.update(request_rate=request_rate, max_concurrency=max_concurrency, model=model,
@@ -295,7 +309,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="Poisson arrival rate in requests/s; inf sends all at once (default %(default)s)")
     parser.add_argument("--sweep", type=_rates, default=None, metavar="R1,R2,...",
                         help="run once per request rate (same requests) instead of --request-rate")
-    parser.add_argument("--num-requests", type=int, default=200, help="(default %(default)s)")
+    parser.add_argument("--num-requests", type=int, default=200, help="requests to send (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and the arrival times")
     parser.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight at once")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default greedy)")
@@ -303,8 +317,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="prompt ids are drawn below this (default: the server's vocab_size)")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="drop trace rows longer than this (default: the server's max_model_len)")
-    parser.add_argument("--trace-dir", default=None, help="folder of the trace CSVs")
+    parser.add_argument("--trace-dir", default=None,
+                        help="folder of the trace CSVs (default: $NANOFLOW_TRACE_DIR, else the copies shipped "
+                             "in the package)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed test request")
+    parser.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
     parser.add_argument("--label", default=None, help="this run's name in plots (default: the model name)")
     parser.add_argument("--plot", default=None, metavar="PNG", help="with --sweep: normalized latency vs rate")
     parser.add_argument("--plot-compare", action="append", default=[], metavar="JSON",
@@ -341,7 +358,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"Traffic request rate: {rate}  ({len(requests)} requests of {workload.describe()})", flush=True)
         m = asyncio.run(run_serving_benchmark(
             args.base_url, requests, rate, model=model, api_key=args.api_key, seed=args.seed,
-            max_concurrency=args.max_concurrency, temperature=args.temperature, warmup=not args.no_warmup))
+            max_concurrency=args.max_concurrency, temperature=args.temperature, warmup=not args.no_warmup,
+            use_tqdm=not args.disable_tqdm))
         m.update(workload=args.workload, seed=args.seed, label=label)
         print(format_results(m), flush=True)
         for error in m["errors"]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import shlex
 import sys
@@ -21,6 +22,7 @@ import torch
 
 from nanoflow.bench.gemm_peak import GemmPeak, device_name, measure_gemm_peak
 from nanoflow.bench.hf_baseline import empty_cache, run_hf_baseline, synchronize
+from nanoflow.bench.host_load import HostLoadMeter
 from nanoflow.bench.step_stats import StepStats, step_statistics
 from nanoflow.bench.workloads import BenchRequest, Workload, parse_workload, sample_requests
 from nanoflow.config import EngineConfig
@@ -76,7 +78,7 @@ class ThroughputOptions:
     output_json: str | None = None
     """Write the result JSON here."""
     trace_dir: str | None = None
-    """Folder of the trace CSVs (default: $NANOFLOW_TRACE_DIR, ../shared/traces, ./.carry/traces)."""
+    """Folder of the trace CSVs (default: $NANOFLOW_TRACE_DIR, else the copies shipped in the package)."""
     engine_args: dict = field(default_factory=dict)
     """Other EngineConfig fields, e.g. {'enforce_eager': True} (the CLI's engine flags)."""
     use_tqdm: bool = True
@@ -130,6 +132,8 @@ class TimedRun:
     plan_steps: int | None = None
     """Steps of this run under the (non-sequential) plan; the others ran sequentially because the
     plan's min_attn_share did not apply. None when the engine does not count them."""
+    host_load: dict | None = None
+    """On CPU: CPU seconds of this process and of all others during the timed region (HostLoad)."""
 
     def metrics(self, num_params: int) -> dict:
         """The figures BENCHMARKING.md asks for, as a flat dict."""
@@ -157,6 +161,7 @@ class TimedRun:
             "engine_stats": self.engine_stats,
             "gpu_idle": self.gpu_idle,
             "plan_steps": self.plan_steps,
+            "host_load": self.host_load,
         }
 
 
@@ -177,7 +182,7 @@ def run_throughput(**kwargs) -> dict:
           f"{len(requests)} requests, {sum(len(r.prompt_token_ids) for r in requests)} prompt tokens, "
           f"{sum(r.output_len for r in requests)} output tokens", flush=True)
 
-    main = _timed_run(llm, opts.plan, requests, warmup, opts, device)
+    main = _timed_run(llm, opts.plan, requests, warmup, opts, device, dtype)
     runs = {"main": main.metrics(num_params)}
     _print_run("nanoflow", runs["main"])
     if opts.compare is not None:
@@ -187,7 +192,7 @@ def run_throughput(**kwargs) -> dict:
             llm = None  # free the first engine before building the second
             empty_cache(device)
             llm = _build_llm(opts, opts.compare)
-        compared = _timed_run(llm, opts.compare, requests, warmup, opts, device)
+        compared = _timed_run(llm, opts.compare, requests, warmup, opts, device, dtype)
         runs["compare"] = compared.metrics(num_params)
         runs["compare"]["ratio"] = runs["main"]["total_tokens_per_s"] / runs["compare"]["total_tokens_per_s"]
         runs["compare"]["ratio_means"] = f"total tokens/s of plan {opts.plan!r} / plan {opts.compare!r}"
@@ -217,6 +222,8 @@ def run_throughput(**kwargs) -> dict:
         "torch_version": torch.__version__,
         "triton_version": _version("triton"),
         "transformers_version": _version("transformers"),
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "command": opts.command or _api_command(kwargs),
         "model": opts.model,
         "load_format": opts.load_format,
@@ -251,6 +258,8 @@ def _build_llm(opts: ThroughputOptions, plan: str):
     for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
         if getattr(opts, name) is not None:
             kwargs[name] = getattr(opts, name)
+    print(f"[bench] building the engine: {opts.model} (load format {opts.load_format}, plan {plan!r}) ...",
+          flush=True)
     t0 = time.perf_counter()
     llm = LLM(model=opts.model, **kwargs)
     print(f"[bench] engine ready in {time.perf_counter() - t0:.1f} s (plan {plan!r})", flush=True)
@@ -283,24 +292,30 @@ def _generate_inputs(requests: list[BenchRequest], temperature: float) -> tuple[
 
 
 def _timed_run(llm, plan: str, requests: list[BenchRequest], warmup: list[BenchRequest],
-               opts: ThroughputOptions, device: torch.device) -> TimedRun:
+               opts: ThroughputOptions, device: torch.device, model_dtype: torch.dtype) -> TimedRun:
     if warmup:
-        t0 = time.perf_counter()
-        llm.generate(*_generate_inputs(warmup, opts.temperature), use_tqdm=False)
-        print(f"[bench] warm-up: {len(warmup)} requests in {time.perf_counter() - t0:.1f} s (excluded)", flush=True)
+        print(f"[bench] warm-up: {len(warmup)} untimed requests of at most {WARMUP_MAX_OUTPUT_TOKENS} "
+              f"output tokens ...", flush=True)
+        with HostLoadMeter() as warm_load:
+            llm.generate(*_generate_inputs(warmup, opts.temperature), use_tqdm=opts.use_tqdm)
+        print(f"[bench] warm-up: {len(warmup)} requests in {warm_load.wall_s:.1f} s (excluded)", flush=True)
+        _warn_if_contended(warm_load, "warm-up", device)
     prompts, params = _generate_inputs(requests, opts.temperature)
-    gemm = measure_gemm_peak(device)
+    gemm = _gemm_peak(device, model_dtype)
     step_log = getattr(llm.engine, "step_times", None)
     if device.type == "cuda":
         llm.engine.start_gpu_timeline()
     first_step = len(step_log) if step_log is not None else 0
     runner = getattr(llm.engine, "runner", None)
     plan_steps_before = getattr(runner, "plan_steps", None)
+    print(f"[bench] timed run: {len(requests)} requests, plan {plan!r} ...", flush=True)
     synchronize(device)
-    t0 = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=opts.use_tqdm)
-    synchronize(device)
-    wall = time.perf_counter() - t0
+    with HostLoadMeter() as load:
+        t0 = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=opts.use_tqdm)
+        synchronize(device)
+        wall = time.perf_counter() - t0
+    _warn_if_contended(load, "timed run", device)
     # step_times is append-only: this run's steps are the ones after the snapshot.
     steps = step_statistics(step_log[first_step:]) if step_log is not None else None
     stats = llm.engine.stats() if hasattr(llm.engine, "stats") else None
@@ -312,7 +327,27 @@ def _timed_run(llm, plan: str, requests: list[BenchRequest], warmup: list[BenchR
         expected_output_tokens=sum(r.output_len for r in requests),
         wall_s=wall, steps=steps, gemm=gemm, gpu_idle=gpu_idle,
         plan_steps=None if plan_steps_before is None else runner.plan_steps - plan_steps_before,
+        host_load=load.result.to_dict() if device.type == "cpu" and load.result is not None else None,
         engine_stats=dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else None)
+
+
+def _warn_if_contended(meter: HostLoadMeter, what: str, device: torch.device) -> None:
+    warning = meter.result.warning(what) if device.type == "cpu" and meter.result is not None else None
+    if warning:
+        print(f"[bench] warning: {warning}", flush=True)
+
+
+def _gemm_peak(device: torch.device, model_dtype: torch.dtype) -> GemmPeak:
+    """BENCHMARKING.md's C: bf16 on GPU; on CPU in the model's dtype, bounded to a few seconds."""
+    dtype = model_dtype if device.type == "cpu" else torch.bfloat16
+    where = "n up to 1024, a few seconds" if device.type == "cpu" else "n=8192"
+    print(f"[bench] measuring the GEMM peak ({str(dtype).removeprefix('torch.')} matmuls on {device}, {where}) ...",
+          flush=True)
+    t0 = time.perf_counter()
+    gemm = measure_gemm_peak(device, dtype=dtype)
+    print(f"[bench] GEMM peak {gemm.tflops:.4g} TFLOP/s (n={gemm.n}) in {time.perf_counter() - t0:.1f} s",
+          flush=True)
+    return gemm
 
 
 def _model_dtype_device(llm) -> tuple[torch.dtype, torch.device]:
@@ -376,6 +411,11 @@ def format_table(result: dict) -> str:
         "total tok/s = (prompt + output tokens) / wall time of the timed region (end-to-end); "
         "steady = middle 80% of steps by time",
     ]
+    for run in (result, result.get("compare")):
+        load = run and run.get("host_load")
+        if load and load["contended"]:
+            out.append(f"WARNING: other processes used {100 * load['other_fraction']:.0f}% of the CPUs during "
+                       f"the timed run of plan {run['plan']!r}: its figures are unreliable")
     idle = result.get("gpu_idle")
     if idle:
         out.append(f"GPU idle between steps: {100 * idle['idle_fraction']:.1f}% of the run "
@@ -398,23 +438,31 @@ def format_table(result: dict) -> str:
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds the `nanoflow bench throughput` options to `parser`."""
     d = ThroughputOptions()
-    parser.add_argument("--model", default=d.model, help="model directory, dummy preset (llama-3-8b, ...) or 'default'")
-    parser.add_argument("--load-format", default=d.load_format, choices=["auto", "safetensors", "dummy"])
+    from nanoflow.entrypoints.cli import add_engine_args, plan_help  # shared with `generate`
+
+    parser.add_argument("--model", default=d.model,
+                        help="model directory, dummy preset (llama-3-8b, ...) or 'default' (built-in tiny model)")
+    parser.add_argument("--load-format", default=d.load_format, choices=["auto", "safetensors", "dummy"],
+                        help="'auto' (safetensors from a directory, random weights for presets), 'safetensors' "
+                             "or 'dummy' (random weights of the directory's shape)")
     parser.add_argument("--dtype", default=d.dtype, help="auto, bfloat16, float16 or float32")
     parser.add_argument("--device", default=d.device, help="auto, cuda, cuda:N or cpu")
     parser.add_argument("--workload", default=d.workload,
                         help="constant:IN:OUT, splitwise, lmsys, sharegpt, or a PATH.csv (default %(default)s)")
     parser.add_argument("--num-requests", type=int, default=d.num_requests, help="timed requests (default %(default)s)")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the requests and the engine")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of a dense batch")
-    parser.add_argument("--max-num-seqs", type=int, default=None, help="most requests running at once")
-    parser.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")
-    parser.add_argument("--plan", default=d.plan, help="pipeline plan: sequential, auto, or a plan JSON")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="token budget of a dense batch (default: the engine's, 2048 on GPU, 512 on CPU)")
+    parser.add_argument("--max-num-seqs", type=int, default=None,
+                        help="most requests running at once (default: the engine's, 1024)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="longest prompt + output (default: the model's max_position_embeddings)")
+    parser.add_argument("--plan", default=d.plan, help=plan_help())
     parser.add_argument("--compare", metavar="PLAN", default=None,
                         help="also run the same requests with this plan (same process) and report the ratio")
     parser.add_argument("--baseline", choices=["hf"], default=None,
                         help="also run transformers' static batched generate with the same weights")
-    parser.add_argument("--hf-batch-size", type=int, default=d.hf_batch_size, help="(default %(default)s)")
+    parser.add_argument("--hf-batch-size", type=int, default=d.hf_batch_size, help="requests per transformers generate call, left-padded (default %(default)s)")
     parser.add_argument("--hf-num-requests", type=int, default=d.hf_num_requests,
                         help="the HF baseline runs the first N requests; rates are compared (default %(default)s)")
     parser.add_argument("--warmup-requests", type=int, default=d.warmup_requests,
@@ -423,11 +471,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="sampling temperature of every request, 0 = greedy (default %(default)s)")
     parser.add_argument("--output-json", default=None, metavar="PATH", help="write the result JSON here")
     parser.add_argument("--trace-dir", default=None,
-                        help="folder of the trace CSVs (default: $NANOFLOW_TRACE_DIR, ../shared/traces, "
-                             "./.carry/traces)")
+                        help="folder of the trace CSVs (default: $NANOFLOW_TRACE_DIR, else the copies shipped "
+                             "in the package)")
     parser.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
-    from nanoflow.entrypoints.cli import add_engine_args  # the other EngineConfig fields, as for `generate`
-
     add_engine_args(parser, skip=_DEDICATED_ENGINE_FIELDS)
     return parser
 

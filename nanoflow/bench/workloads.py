@@ -5,6 +5,8 @@ A spec is one of
 - ``splitwise``        the Azure LLM inference conv trace (``AzureLLMInferenceTrace_conv.csv``);
 - ``lmsys``            NanoFlow's LMSYS-Chat length file (``nanoflow/lmsys.csv``);
 - ``sharegpt``         NanoFlow's ShareGPT length file (``nanoflow/sharegpt.csv``);
+  the three ship in the package (``nanoflow/bench/traces/<name>.csv``, sources and licences in
+  ``traces/SOURCES.md``); a ``--trace-dir`` or ``$NANOFLOW_TRACE_DIR`` folder is read first;
 - ``PATH.csv``         any CSV with ``ContextTokens,GeneratedTokens`` columns (and optionally ``TIMESTAMP``).
 
 Trace rows with input > 3072 or output > 1024 tokens are dropped, as NanoFlow's trace generator does,
@@ -35,10 +37,11 @@ NAMED_TRACES = {
     "lmsys": "nanoflow/lmsys.csv",
     "sharegpt": "nanoflow/sharegpt.csv",
 }
-"""Named trace workloads and their file, relative to the trace folder."""
+"""Named trace workloads and their file, relative to a trace folder (the original downloads' layout)."""
+PACKAGED_TRACE_DIR = Path(__file__).resolve().parent / "traces"
+"""The copies shipped in the package, one <workload name>.csv each (sources and licences: SOURCES.md)."""
 
 _SPEC_FORMS = "constant:IN:OUT, splitwise, lmsys, sharegpt, or a PATH.csv"
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -86,28 +89,23 @@ class TraceRows:
 
 
 def default_trace_dirs() -> list[Path]:
-    """Where trace CSVs are searched when no folder is given, in order."""
-    dirs = []
+    """Where trace CSVs are searched when no folder is given, in order: $NANOFLOW_TRACE_DIR, the package."""
     env = os.environ.get(TRACE_DIR_ENV)
-    if env:
-        dirs.append(Path(env))
-    dirs.append(_REPO_ROOT.parent / "shared" / "traces")
-    dirs.append(Path.cwd() / ".carry" / "traces")
-    if (_REPO_ROOT / ".carry" / "traces") not in dirs:
-        dirs.append(_REPO_ROOT / ".carry" / "traces")
-    return dirs
+    return ([Path(env)] if env else []) + [PACKAGED_TRACE_DIR]
 
 
 def find_trace_file(relative: str, trace_dir: str | Path | None = None) -> Path:
-    """The trace file `relative` (e.g. 'nanoflow/lmsys.csv') in `trace_dir`, or in default_trace_dirs().
+    """The trace file `relative` (e.g. 'nanoflow/lmsys.csv') in `trace_dir` only, or else in
+    default_trace_dirs().
 
-    Each folder is tried with the relative path and with the bare file name (a flat copy).
-    FileNotFoundError lists every path tried.
+    Each folder is tried with the relative path, the bare file name (a flat copy) and, for a named
+    trace, <name>.csv (the package's and NanoFlow's naming). FileNotFoundError lists every path tried.
     """
     dirs = [Path(trace_dir)] if trace_dir is not None else default_trace_dirs()
+    names = [f"{name}.csv" for name, path in NAMED_TRACES.items() if path == relative]
     tried: list[Path] = []
     for folder in dirs:
-        for candidate in (folder / relative, folder / Path(relative).name):
+        for candidate in (folder / relative, folder / Path(relative).name, *(folder / n for n in names)):
             if candidate in tried:
                 continue
             tried.append(candidate)

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import torch
 
+from nanoflow import memory_check
 from nanoflow.engine.cuda_graphs import PiecewiseGraphs
 from nanoflow.engine.forward_batch import ForwardBatch
 from nanoflow.engine.kv_cache import KVCacheManager
@@ -14,8 +15,6 @@ from nanoflow.engine.scheduler import SchedulerOutput
 from nanoflow.models.llama import LlamaForCausalLM, StepState
 from nanoflow.pipeline.executor import PlanExecutor, make_executor
 
-# Room left for logits and sampler temporaries when sizing the KV cache on a GPU.
-_ACTIVATION_RESERVE_BYTES = 1 << 30
 # Rates that rank steps by their decode-attention share (H200-like: KV read at ~4 TB/s, GEMMs at
 # ~750 TFLOP/s). Only their ratio matters, and only to pick between a plan and sequential.
 _ATTN_BYTES_PER_S = 4.0e12
@@ -36,11 +35,9 @@ def choose_num_blocks(model: LlamaForCausalLM, block_size: int, device: torch.de
         return max(1, int(cpu_kv_cache_gb * (1 << 30)) // per_block)
     free, total = torch.cuda.mem_get_info(device)
     used = total - free
-    logits_bytes = 4 * max_num_seqs * model.config.vocab_size * 4  # logits and a few softmax copies
-    budget = total * gpu_memory_utilization - used - logits_bytes - _ACTIVATION_RESERVE_BYTES
-    if budget < per_block:
-        raise ValueError("no GPU memory left for the KV cache: lower max_num_seqs or raise "
-                         "gpu_memory_utilization")
+    reserve = memory_check.logits_bytes(model.config, max_num_seqs) + memory_check.GPU_ACTIVATION_RESERVE_BYTES
+    budget = total * gpu_memory_utilization - used - reserve
+    memory_check.check_kv_budget(budget, per_block, device, used, reserve, gpu_memory_utilization)
     return int(budget // per_block)
 
 

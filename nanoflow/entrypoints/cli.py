@@ -1,16 +1,67 @@
-"""`nanoflow` command line: generate, serve, bench throughput|serve, tune, plan show."""
+"""`nanoflow` command line: generate, serve, bench throughput|serve, tune, plan show.
+
+Only the chosen command's module is imported (torch alone takes seconds to import), so `nanoflow --help`
+and `nanoflow bench --help` answer at once; `nanoflow <command> --help` lists every option with its default.
+"""
 from __future__ import annotations
 
 import argparse
 import ast
 import dataclasses
+import importlib
 import inspect
+import os
 import sys
 import typing
+from dataclasses import dataclass
+from pathlib import Path
 
-from nanoflow.config import EngineConfig
+
+@dataclass(frozen=True)
+class Command:
+    """A sub-command whose module defines add_cli_args(parser) and run_from_args(args) -> int."""
+
+    help: str
+    """One line for the command list (a literal '%' must be written '%%': argparse formats it)."""
+    module: str
+    """Module imported only when the command is used."""
+    add_args: str = "add_cli_args"
+    """Function of the module that adds the command's options to its parser."""
+    run: str = "run_from_args"
+    """Function of the module that runs the command from the parsed arguments."""
 
 
+COMMANDS: dict[str, Command | dict[str, Command]] = {
+    "generate": Command("generate text for prompts (offline)", "nanoflow.entrypoints.cli", "add_generate_args",
+                        "run_generate"),
+    "serve": Command("OpenAI-compatible HTTP server", "nanoflow.entrypoints.openai_server"),
+    "bench": {
+        "throughput": Command("offline throughput and %% of optimal", "nanoflow.bench.throughput"),
+        "serve": Command("serving benchmark against a running server", "nanoflow.bench.serve"),
+    },
+    "tune": Command("search a pipeline plan for this device (GPU)", "nanoflow.autosearch.tune"),
+    "plan": {"show": Command("draw a plan's nano-ops on their streams", "nanoflow.pipeline.show")},
+}
+"""Every command; a dict is a group of sub-commands (`nanoflow bench throughput`)."""
+
+DESCRIPTION = ("nanoflow: a throughput-first LLM serving engine (NanoFlow's nano-batch pipeline). "
+               "`nanoflow <command> --help` lists the command's options with their defaults.")
+GROUP_HELP = {"bench": "benchmarks: throughput (offline) or serve (against a server)",
+              "plan": "pipeline plans: show"}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends '(default: X)' to an option's help unless the help already names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        names_default = any(marker in text for marker in ("(default", "%(default", "defaults to"))
+        if names_default or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+# ---- engine options, shared by generate / serve / bench throughput / tune ----------------------------
 def field_docs(cls) -> dict[str, str]:
     """The docstring written under each dataclass field (they become --help)."""
     tree = ast.parse(inspect.getsource(cls))
@@ -18,13 +69,27 @@ def field_docs(cls) -> dict[str, str]:
     docs = {}
     for node, nxt in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = str(nxt.value.value)
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
+
+
+def builtin_plan_names() -> list[str]:
+    """The plans `--plan` takes by name: sequential, the JSON files shipped in nanoflow/pipeline/plans, auto."""
+    folder = Path(__file__).resolve().parent.parent / "pipeline" / "plans"
+    return ["sequential", *sorted(p.stem for p in folder.glob("*.json")), "auto"]
+
+
+def plan_help() -> str:
+    return (f"Pipeline plan: {', '.join(builtin_plan_names())} ('auto': the plan `nanoflow tune` cached for "
+            "this model and device, else sequential), or a plan JSON file.")
 
 
 def add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """One --flag per EngineConfig field, typed from its annotation, documented by its docstring."""
+    from nanoflow.config import EngineConfig
+
     docs = field_docs(EngineConfig)
+    docs["plan"] = plan_help()
     hints = typing.get_type_hints(EngineConfig)
     group = parser.add_argument_group("engine")
     for f in dataclasses.fields(EngineConfig):
@@ -33,65 +98,111 @@ def add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ())
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
-        help_text = f"{docs.get(f.name, '')} (default: {f.default})"
+        doc = docs.get(f.name, "").replace("%", "%%")
+        # A None default is explained by the docstring ("defaults to ..."); '(default: None)' would not help.
+        help_text = doc if f.default is None and "default" in doc.lower() else f"{doc} (default: %(default)s)"
         if base is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         else:
             group.add_argument(flag, type=base, default=f.default, help=help_text)
 
 
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+def engine_config_from_args(args: argparse.Namespace):
+    """The EngineConfig of the parsed engine flags."""
+    from nanoflow.config import EngineConfig
+
     names = {f.name for f in dataclasses.fields(EngineConfig)}
     return EngineConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def _generate(args: argparse.Namespace) -> int:
+# ---- generate -------------------------------------------------------------------------------------
+def add_generate_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("prompts", nargs="+", help="prompt texts (quote each one)")
+    s = parser.add_argument_group("sampling")
+    s.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per prompt at most")
+    s.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
+                                                           "whose probability reaches this; 1 keeps all")
+    s.add_argument("--sampling-seed", type=int, default=None,
+                   help="seed of this request's sampling (default: from the engine's --seed)")
+    add_engine_args(parser)
+    return parser
+
+
+def run_generate(args: argparse.Namespace) -> int:
     from nanoflow.llm import LLM
     from nanoflow.sampling_params import SamplingParams
+
     config = engine_config_from_args(args)
     llm = LLM(**dataclasses.asdict(config))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.sampling_seed)
-    for out in llm.generate(args.prompts, params, use_tqdm=False):
-        print(out.prompt + out.outputs[0].text)
+    outputs = llm.generate(args.prompts, params, use_tqdm=False)
+    print(format_generation(outputs))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nanoflow", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def format_generation(outputs) -> str:
+    """Each prompt and its completion on their own labelled lines (repr: whitespace shows)."""
+    blocks = []
+    for i, out in enumerate(outputs):
+        head = f"[{i + 1}/{len(outputs)}] " if len(outputs) > 1 else ""
+        completion = out.outputs[0]
+        blocks.append(f"{head}Prompt:     {out.prompt!r}\n{' ' * len(head)}Completion: {completion.text!r}"
+                      f"  ({len(completion.token_ids)} tokens, {completion.finish_reason})")
+    return "\n\n".join(blocks)
 
-    gen = sub.add_parser("generate", help="generate text for prompts (offline)")
-    gen.add_argument("prompts", nargs="+", help="prompt texts")
-    gen.add_argument("--max-tokens", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--sampling-seed", type=int, default=None)
-    add_engine_args(gen)
-    gen.set_defaults(func=_generate)
 
-    _lazy_subcommand(sub, "serve", "OpenAI-compatible HTTP server", "nanoflow.entrypoints.openai_server")
-    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    _lazy_subcommand(bench, "throughput", "offline throughput, % of optimal", "nanoflow.bench.throughput")
-    _lazy_subcommand(bench, "serve", "serving benchmark against a running server", "nanoflow.bench.serve")
-    _lazy_subcommand(sub, "tune", "search a pipeline plan and cache it", "nanoflow.autosearch.tune")
-    plan = sub.add_parser("plan", help="pipeline plans").add_subparsers(dest="plan_cmd", required=True)
-    _lazy_subcommand(plan, "show", "draw a plan's nano-ops on their streams", "nanoflow.pipeline.show")
+# ---- the parser ----------------------------------------------------------------------------------
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The `nanoflow` parser. Every command is listed; only the ones on argv's path get their options
+    (and their module imported). argv=None builds every command fully (for tests and docs)."""
+    parser = argparse.ArgumentParser(prog="nanoflow", description=DESCRIPTION, formatter_class=HelpFormatter)
+    _add_commands(parser, COMMANDS, "command", None if argv is None else list(argv))
     return parser
 
 
-def _lazy_subcommand(sub, name: str, help_text: str, module: str) -> None:
-    """Sub-commands whose modules define add_cli_args(parser) and run_from_args(args) -> int."""
-    import importlib
+def _add_commands(parser: argparse.ArgumentParser, commands: dict, dest: str, argv: list[str] | None) -> None:
+    sub = parser.add_subparsers(dest=dest, metavar="{" + ",".join(commands) + "}")
+    chosen = _first_positional(argv) if argv is not None else None
+    parser.set_defaults(func=lambda args, p=parser, names=list(commands): _missing_command(p, names))
+    for name, entry in commands.items():
+        wanted = argv is None or name == chosen
+        if isinstance(entry, dict):
+            p = sub.add_parser(name, help=GROUP_HELP.get(name, ""), description=GROUP_HELP.get(name),
+                               formatter_class=HelpFormatter)
+            if wanted:
+                rest = None if argv is None else argv[argv.index(name) + 1:]
+                _add_commands(p, entry, f"{dest}_{name}", rest)
+            continue
+        p = sub.add_parser(name, help=entry.help, description=entry.help.replace("%%", "%"),
+                           formatter_class=HelpFormatter)
+        if wanted:
+            _attach(p, name, entry)
+
+
+def _first_positional(argv: list[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def _attach(parser: argparse.ArgumentParser, name: str, command: Command) -> None:
     try:
-        mod = importlib.import_module(module)
+        module = importlib.import_module(command.module)
     except ImportError as exc:  # an optional dependency missing: say so when the command is used
-        p = sub.add_parser(name, help=f"{help_text} (unavailable: {exc})")
-        p.set_defaults(func=lambda args, exc=exc: _unavailable(name, exc))
+        parser.description = f"{parser.description} (unavailable: {exc})"
+        parser.set_defaults(func=lambda args, exc=exc: _unavailable(name, exc))
         return
-    p = sub.add_parser(name, help=help_text)
-    mod.add_cli_args(p)
-    p.set_defaults(func=mod.run_from_args)
+    getattr(module, command.add_args)(parser)
+    for action in parser._actions:  # an option added without help still shows its default
+        if action.option_strings and not action.help and action.default not in (None, argparse.SUPPRESS):
+            action.help = "(default: %(default)s)"
+    parser.set_defaults(func=getattr(module, command.run))
+
+
+def _missing_command(parser: argparse.ArgumentParser, names: list[str]) -> int:
+    parser.print_help(sys.stderr)
+    print(f"\n{parser.prog}: error: name a command: {', '.join(names)}", file=sys.stderr)
+    return 2
 
 
 def _unavailable(name: str, exc: Exception) -> int:
@@ -99,11 +210,28 @@ def _unavailable(name: str, exc: Exception) -> int:
     return 2
 
 
+OPENMP_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+"""OpenMP settings a user may have chosen; the CLI then leaves the wait policy alone."""
+
+
+def passive_openmp_env(environ: dict[str, str], gpu_present: bool, torch_loaded: bool) -> dict[str, str]:
+    """OMP_WAIT_POLICY=PASSIVE on CPU-only hosts, unless the user set an OpenMP option or torch is loaded
+    (libgomp reads it once, when torch loads). torch's OpenMP threads otherwise spin between parallel
+    regions: with another busy process on a 2-core machine every region waits for a descheduled thread,
+    and the same warm-up took 9-12 s alone but 27-266 s beside other work (passive: 12-14 s and 12-34 s)."""
+    if gpu_present or torch_loaded or any(name in environ for name in OPENMP_ENV):
+        return {}
+    return {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    os.environ.update(passive_openmp_env(os.environ, gpu_present=Path("/dev/nvidiactl").exists(),
+                                         torch_loaded="torch" in sys.modules))
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ValueError as exc:
+    except ValueError as exc:  # bad options, and InsufficientMemoryError (a ValueError too)
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

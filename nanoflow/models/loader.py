@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from nanoflow.config import EngineConfig
+from nanoflow.memory_check import check_model_fits
 from nanoflow.models.config import ModelConfig
 from nanoflow.models.presets import PRESETS
 
@@ -138,6 +139,7 @@ def load_model(config: EngineConfig, device: torch.device, dtype: torch.dtype,
 
     if source is None:
         source = resolve_model_source(config)
+    check_model_fits(config, source.model_config, device, dtype)  # fail now, not in the OOM killer's hands
     # Parameters are allocated on `device` and filled in place there (dummy: a device generator;
     # checkpoint: one memory-mapped tensor at a time): no host copy, no second copy of the weights.
     model = model_class(source.model_config.architecture)(source.model_config, dtype=dtype, device=device)
