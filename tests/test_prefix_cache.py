@@ -78,8 +78,11 @@ def test_pool_evicts_uncached_first_then_least_recently_released():
     assert pool.allocate(1) == [a[1]] and evicted == [a[1]]
     pool.share([a[0]])  # a cached free block can be revived
     assert pool.num_free == 0 and pool.ref_count(a[0]) == 1
-    with pytest.raises(KVCacheError):
-        pool.share([3 - 3 + a[2]]) if pool.ref_count(a[2]) == 0 else pool.release([a[2], a[2]])
+    pool.release([a[2]])
+    with pytest.raises(KVCacheError, match="sharing free block"):
+        pool.share([a[2]])  # an uncached free block holds nothing to share
+    with pytest.raises(KVCacheError, match="double free"):
+        pool.release([a[2]])
     pool.check_invariant()
 
 
@@ -88,6 +91,7 @@ def test_manager_reuses_a_prefix_and_keeps_one_token_to_compute():
     first = _req(0, list(range(10, 22)))  # 12 tokens: 3 full blocks
     assert kv.admit(first, kv.lookup(first), 12)
     first.num_computed_tokens = 12
+    first_blocks = list(kv.block_ids("r0"))
     kv.release(first)
     assert kv.pool.num_used == 0 and kv.pool.num_cached == 3
     again = _req(1, list(range(10, 22)))  # the same prompt: the last block is recomputed
@@ -96,7 +100,7 @@ def test_manager_reuses_a_prefix_and_keeps_one_token_to_compute():
     longer = _req(2, list(range(10, 23)))
     assert kv.lookup(longer).num_tokens(4) == 12
     assert kv.admit(longer, kv.lookup(longer), 13)
-    assert kv.block_ids("r2")[:3] == kv.block_ids("r2")[:3] and kv.pool.num_used == 4
+    assert kv.block_ids("r2")[:3] == first_blocks and kv.pool.num_used == 4
     assert kv.stats.queries == 12 + 13 and kv.stats.hits == 12
     kv.check_invariant()
     kv.free("r2")
@@ -173,16 +177,16 @@ class _Job:
         self.run()
 
 
-SYSTEM_PROMPTS = [[11, 12, 13, 14, 15, 16, 17], [11, 12, 13, 20, 21], [30, 31, 32, 33, 34, 35, 36, 37, 38]]
+SYSTEM_PROMPTS = [list(range(11, 23)), [11, 12, 13, 20, 21, 22, 23, 24, 25, 26], list(range(30, 46))]
 
 
 class PrefixCacheMachine(RuleBasedStateMachine):
     """The engine's loop over the real scheduler and KV manager, with async scheduling's pending
     tokens, stops, aborts, preemption (overcommitted admission), eviction and a host tier."""
 
-    @initialize(num_blocks=st.integers(6, 24), block_size=st.sampled_from([1, 2, 4]),
+    @initialize(num_blocks=st.integers(8, 20), block_size=st.sampled_from([1, 2, 2, 4]),
                 budget=st.integers(1, 24), ratio=st.sampled_from([1.0, 3.0]),
-                host=st.sampled_from(["none", "sync", "delayed"]), host_slots=st.integers(1, 12),
+                host=st.sampled_from(["none", "sync", "delayed", "delayed"]), host_slots=st.integers(1, 48),
                 delay=st.integers(0, 3))
     def setup(self, num_blocks, block_size, budget, ratio, host, host_slots, delay):
         self.bs = block_size
@@ -199,17 +203,34 @@ class PrefixCacheMachine(RuleBasedStateMachine):
         self.inflight: list[Request] = []
         self.ids = itertools.count()
 
-    @rule(system=st.integers(0, len(SYSTEM_PROMPTS) - 1), cut=st.integers(1, 9),
+    @rule(system=st.integers(0, len(SYSTEM_PROMPTS) - 1), cut=st.integers(1, 16),
           suffix=st.lists(st.integers(40, 42), max_size=5), max_tokens=st.integers(1, 6))
     def add(self, system, cut, suffix, max_tokens):
-        prompt = SYSTEM_PROMPTS[system][:cut] + suffix
-        if len(prompt) + max_tokens > self.capacity:  # the engine rejects these at add_request
-            return
-        req = _req(next(self.ids), prompt, max_tokens)
-        self.truth[req] = list(prompt)
-        self.sched.add(req)
+        self.add_prompt(SYSTEM_PROMPTS[system][:cut] + suffix, max_tokens)
 
-    @rule(stop_at=st.integers(0, 7))
+    @rule(tokens=st.lists(st.integers(100, 999), min_size=1, max_size=12))
+    def add_unrelated(self, tokens):
+        """A prompt sharing nothing: it pushes cached blocks out of the device (to the host tier)."""
+        self.add_prompt(tokens, 2)
+
+    @precondition(lambda self: any(r.status.finished for r in self.truth))
+    @rule(pick=st.integers(0, 100), extra=st.lists(st.integers(40, 42), min_size=1, max_size=3))
+    def next_round(self, pick, extra):
+        """A conversation's next turn: an earlier request's prompt and answer, then new tokens."""
+        done = [r for r in self.truth if r.status.finished]
+        self.add_prompt(self.truth[done[pick % len(done)]] + extra, 3)
+
+    @rule(count=st.integers(1, 6), stop_at=st.integers(0, 7))
+    def steps(self, count, stop_at):
+        for _ in range(count):
+            self.step(stop_at)
+
+    def add_prompt(self, prompt, max_tokens):
+        if len(prompt) + max_tokens <= self.capacity:  # the engine rejects the others at add_request
+            req = _req(next(self.ids), prompt, max_tokens)
+            self.truth[req] = list(prompt)
+            self.sched.add(req)
+
     def step(self, stop_at):
         out = self.sched.schedule()
         assert out.num_tokens <= self.sched.config.token_budget

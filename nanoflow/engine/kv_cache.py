@@ -394,6 +394,8 @@ class KVCacheManager:
         for node in nodes:
             if node.unused:
                 raise KVCacheError("an unused node stayed in the tree")
+            if min(node.tokens) < 0:
+                raise KVCacheError(f"a node holds a placeholder token: {node.tokens}")
             if node.users != users[id(node)]:
                 raise KVCacheError(f"node users {node.users} != {users[id(node)]} chains")
             if node.owner is not None and id(node) not in {id(n) for n in self._seqs.get(node.owner, _Seq()).chain}:
