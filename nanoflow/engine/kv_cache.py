@@ -154,6 +154,7 @@ class KVCacheManager:
         self._host_enabled = False
         self._to_save: list[tuple[int, Node, int]] = []  # (held block, node, slot) waiting for flush()
         self._saving: list[tuple[CopyHandle, list[int]]] = []  # copies in flight and the blocks they hold
+        self._late: list[tuple[object, _Seq]] = []  # finished requests waiting for their last token
 
     # ---- plain allocation ---------------------------------------------------------------------------
     def blocks_for_tokens(self, num_tokens: int) -> int:
@@ -235,28 +236,55 @@ class KVCacheManager:
         self.stats.host_hits += hit.num_host * self.block_size
         return True
 
-    def commit(self, request) -> None:
+    def commit(self, request, seq: _Seq | None = None) -> None:
         """Commits the request's full blocks whose KV is computed and whose tokens are all known (a
         token still on the device in async scheduling is not); cheap when nothing changed."""
-        seq = self._seqs.get(request.request_id)
+        seq = seq or self._seqs.get(request.request_id)
         if seq is None or not self.enable_prefix_caching:
             return
+        bs = self.block_size
         known = request.num_tokens - request.num_pending_tokens
-        ready = min(min(request.num_computed_tokens, known) // self.block_size, len(seq.blocks))
+        ready = min(min(request.num_computed_tokens, known) // bs, len(seq.blocks))
         if ready <= seq.num_committed:
             return
         if ready > len(seq.chain):
+            # An aborted request may keep placeholders of dropped tokens: never commit those.
+            tail = request.token_slice(len(seq.chain) * bs, ready * bs)
+            if tail and min(tail) < 0:
+                ready = len(seq.chain) + tail.index(min(tail)) // bs
             self.tree.extend(request, seq.chain, ready, owner=None)
         for j in range(seq.num_committed, ready):
             if self.tree.attach(seq.chain[j], seq.blocks[j], request.request_id):
                 self.pool.mark_cached(seq.blocks[j])
-        seq.num_committed = ready
+        seq.num_committed = max(seq.num_committed, ready)
 
     def release(self, request) -> None:
         """The request finished, was aborted or preempted: commit what it computed, then drop its
-        blocks (cached ones stay reusable until evicted)."""
+        blocks (cached ones stay reusable until evicted). With async scheduling a request that ends
+        by length still has its last fed token on the device: its blocks wait for the next poll(),
+        by when the engine knows that token, so the block holding it is committed too."""
         self.commit(request)
-        self.free(request.request_id)
+        seq = self._seqs.get(request.request_id)
+        if seq is None:
+            return
+        pending_from = request.num_tokens - request.num_pending_tokens
+        if self.enable_prefix_caching and request.num_pending_tokens and pending_from < request.num_computed_tokens:
+            del self._seqs[request.request_id]
+            self._late.append((request, seq))
+        else:
+            self.free(request.request_id)
+
+    def _release_late(self, force: bool) -> None:
+        late, self._late = self._late, []
+        still = []
+        for request, seq in late:
+            pending_from = request.num_tokens - request.num_pending_tokens
+            if force or not request.num_pending_tokens or pending_from >= request.num_computed_tokens:
+                self.commit(request, seq)
+                self._drop(request.request_id, seq)
+            else:
+                still.append((request, seq))
+        self._late.extend(still)
 
     def _drop(self, request_id: str, seq: _Seq) -> None:
         for j in range(seq.num_committed):
@@ -330,10 +358,16 @@ class KVCacheManager:
             blocks, slots = [b for b, _ in live], [s for _, s in live]
             self._saving.append((self.host.save(blocks, slots), blocks))
             self.stats.blocks_saved += len(blocks)
-        self.poll()
+        self._poll_saves()
 
     def poll(self) -> None:
-        """Releases the blocks of finished saves (never waits)."""
+        """Releases the blocks of finished requests whose last tokens are now known, and those of
+        finished saves (never waits)."""
+        if self._late:
+            self._release_late(force=False)
+        self._poll_saves()
+
+    def _poll_saves(self) -> None:
         if not self._saving:
             return
         still = []
@@ -345,7 +379,8 @@ class KVCacheManager:
         self._saving = still
 
     def drain(self) -> None:
-        """Issues every queued save and waits for all of them."""
+        """Releases every finished request, issues every queued save and waits for all of them."""
+        self._release_late(force=True)
         self.flush()
         for handle, _ in self._saving:
             handle.wait()
@@ -375,7 +410,8 @@ class KVCacheManager:
         """Ref counts equal the holders (requests and copies in flight), the tree agrees with the
         pool and the host slots, and no node is kept for nothing."""
         self.pool.check_invariant()
-        holders = Counter(b for seq in self._seqs.values() for b in seq.blocks)
+        seqs = {**self._seqs, **{f"late:{r.request_id}": s for r, s in self._late}}
+        holders = Counter(b for seq in seqs.values() for b in seq.blocks)
         holders.update(b for b, _, _ in self._to_save)
         holders.update(b for _, blocks in self._saving for b in blocks)
         for b in range(self.pool.num_blocks):
@@ -390,7 +426,10 @@ class KVCacheManager:
         for b, node in self.tree.node_of_block.items():
             if node.block != b:
                 raise KVCacheError(f"node_of_block[{b}] points at a node of block {node.block}")
-        users = Counter(id(n) for seq in self._seqs.values() for n in seq.chain)
+        users = Counter(id(n) for seq in seqs.values() for n in seq.chain)
+        owned: dict[str, set[int]] = {}
+        for rid, seq in [*self._seqs.items(), *((r.request_id, q) for r, q in self._late)]:
+            owned.setdefault(rid, set()).update(id(n) for n in seq.chain)
         for node in nodes:
             if node.unused:
                 raise KVCacheError("an unused node stayed in the tree")
@@ -398,7 +437,7 @@ class KVCacheManager:
                 raise KVCacheError(f"a node holds a placeholder token: {node.tokens}")
             if node.users != users[id(node)]:
                 raise KVCacheError(f"node users {node.users} != {users[id(node)]} chains")
-            if node.owner is not None and id(node) not in {id(n) for n in self._seqs.get(node.owner, _Seq()).chain}:
+            if node.owner is not None and id(node) not in owned.get(node.owner, ()):
                 raise KVCacheError(f"node owned by {node.owner}, which does not hold it")
         slots = {n.host_slot: n for n in nodes if n.host_slot is not None}
         if self._host_slots is not None:
@@ -407,7 +446,7 @@ class KVCacheManager:
                 raise KVCacheError("host slots and the tree disagree")
         elif slots:
             raise KVCacheError("nodes hold host slots without a host tier")
-        for rid, seq in self._seqs.items():
+        for rid, seq in seqs.items():
             if seq.num_committed > min(len(seq.chain), len(seq.blocks)):
                 raise KVCacheError(f"{rid}: {seq.num_committed} committed of {len(seq.blocks)} blocks")
             for parent, child in zip([self.tree.root] + seq.chain, seq.chain):
