@@ -102,8 +102,10 @@ class Scheduler:
         budget = self.config.token_budget
         planned: dict[Request, int] = {}
         self.kv.poll()
-        for req in self.running:  # blocks computed by earlier steps become reusable
-            self.kv.commit(req)
+        if self.kv.enable_prefix_caching:
+            commit = self.kv.commit
+            for req in self.running:  # blocks computed by earlier steps become reusable
+                commit(req)
         # Running requests: single-token ones (decodes) first, then unfinished prefills; oldest first.
         order = sorted(self.running, key=lambda r: (r.num_tokens - r.num_computed_tokens != 1, r.arrival))
         for req in order:
