@@ -236,27 +236,26 @@ class KVCacheManager:
         self.stats.host_hits += hit.num_host * self.block_size
         return True
 
-    def commit(self, request, seq: _Seq | None = None) -> None:
+    def commit(self, request, seq: _Seq | None = None) -> bool:
         """Commits the request's full blocks whose KV is computed and whose tokens are all known (a
-        token still on the device in async scheduling is not); cheap when nothing changed."""
+        token still on the device in async scheduling is not). True when every computed full block
+        is committed now; False when one waits for a token to reach the host."""
         seq = seq or self._seqs.get(request.request_id)
         if seq is None or not self.enable_prefix_caching:
-            return
+            return True
         bs = self.block_size
+        computed = min(request.num_computed_tokens // bs, len(seq.blocks))
         known = request.num_tokens - request.num_pending_tokens
-        ready = min(min(request.num_computed_tokens, known) // bs, len(seq.blocks))
+        ready = min(computed, known // bs)
         if ready <= seq.num_committed:
-            return
+            return computed <= seq.num_committed
         if ready > len(seq.chain):
-            # An aborted request may keep placeholders of dropped tokens: never commit those.
-            tail = request.token_slice(len(seq.chain) * bs, ready * bs)
-            if tail and min(tail) < 0:
-                ready = len(seq.chain) + tail.index(min(tail)) // bs
-            self.tree.extend(request, seq.chain, ready, owner=None)
+            ready = self.tree.extend(request, seq.chain, ready, owner=None)
         for j in range(seq.num_committed, ready):
             if self.tree.attach(seq.chain[j], seq.blocks[j], request.request_id):
                 self.pool.mark_cached(seq.blocks[j])
         seq.num_committed = max(seq.num_committed, ready)
+        return computed <= seq.num_committed
 
     def release(self, request) -> None:
         """The request finished, was aborted or preempted: commit what it computed, then drop its

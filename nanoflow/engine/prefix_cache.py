@@ -93,12 +93,16 @@ class PrefixTree:
             node = child
         return hit
 
-    def extend(self, source: TokenSource, chain: list[Node], upto: int, owner: str | None) -> None:
+    def extend(self, source: TokenSource, chain: list[Node], upto: int, owner: str | None) -> int:
         """Appends the nodes of blocks len(chain):upto to a request's chain (creating them); with an
-        owner, claims each one that holds no KV and has no owner yet. Each appended node gains a user."""
+        owner, claims each one that holds no KV and has no owner yet. Each appended node gains a user.
+        Stops before a block holding a placeholder id (< 0: an aborted request's dropped token);
+        returns the chain's length."""
         node = chain[-1] if chain else self.root
         for j in range(len(chain), upto):
             key = self.block_tokens(source, j)
+            if min(key) < 0:
+                break
             child = node.children.get(key)
             if child is None:
                 child = Node(key, node)
@@ -108,6 +112,7 @@ class PrefixTree:
             child.users += 1
             chain.append(child)
             node = child
+        return len(chain)
 
     def attach(self, node: Node, block: int, owner: str) -> bool:
         """The request `owner` finished computing `node`'s block into `block`. True when `block` now

@@ -61,6 +61,7 @@ class Scheduler:
         self.running: list[Request] = []  # admission order: oldest first
         self._projections: dict[str, int] = {}  # request id -> blocks it may still allocate, running only
         self._projected_blocks = 0  # their sum
+        self._to_commit: dict[Request, None] = {}  # running requests with computed, uncommitted blocks
         self.stats = SchedulerStats()
 
     def add(self, request: Request) -> None:
@@ -102,10 +103,10 @@ class Scheduler:
         budget = self.config.token_budget
         planned: dict[Request, int] = {}
         self.kv.poll()
-        if self.kv.enable_prefix_caching:
+        if self._to_commit:  # blocks completed by earlier steps become reusable
             commit = self.kv.commit
-            for req in self.running:  # blocks computed by earlier steps become reusable
-                commit(req)
+            self._to_commit = {r: None for r in self._to_commit
+                               if r.status == RequestStatus.RUNNING and not commit(r)}
         # Running requests: single-token ones (decodes) first, then unfinished prefills; oldest first.
         order = sorted(self.running, key=lambda r: (r.num_tokens - r.num_computed_tokens != 1, r.arrival))
         for req in order:
@@ -128,10 +129,18 @@ class Scheduler:
                 budget -= n
         self._admit(planned, budget)
         self.kv.flush()  # host copies of blocks released in this step
+        caching, bs = self.kv.enable_prefix_caching, self.kv.block_size
+        tokens = prefill = 0
         for req, n in planned.items():
-            self.stats.tokens_computed += n
+            tokens += n
             start = req.num_computed_tokens
-            self.stats.prefill_tokens_computed += max(0, min(start + n, req.num_prompt_tokens) - start)
+            prompt = len(req.prompt_token_ids)
+            if start < prompt:
+                prefill += min(start + n, prompt) - start
+            if caching and (start + n) // bs > start // bs:  # completes a block: commit it next step
+                self._to_commit[req] = None
+        self.stats.tokens_computed += tokens
+        self.stats.prefill_tokens_computed += prefill
         decodes = [(r, n) for r, n in planned.items() if n == 1]
         chunks = [(r, n) for r, n in planned.items() if n > 1]
         out.scheduled = decodes + chunks
