@@ -75,7 +75,8 @@ def host_tier_bandwidth() -> None:
     torch.cuda.synchronize()
     same = torch.equal(kv[:, :, :n].view(torch.uint8), before.view(torch.uint8))
     gb = n * tier.block_bytes / 1e9
-    print(f"host tier llama-3-8b: {slots} slots of {tier.block_bytes / 2**20:.1f} MiB; {n} blocks ({gb:.2f} GB): "
+    print(f"host tier llama-3-8b: {slots} slots of {tier.block_bytes / 2**20:.1f} MiB ({tier.pinned_by}); "
+          f"{n} blocks ({gb:.2f} GB): "
           f"save {start.elapsed_time(mid):.1f} ms ({gb / start.elapsed_time(mid) * 1e3:.1f} GB/s), "
           f"load {mid.elapsed_time(end):.1f} ms ({gb / mid.elapsed_time(end) * 1e3:.1f} GB/s), bytes equal: {same}")
     tier.close()

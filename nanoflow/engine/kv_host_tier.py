@@ -47,13 +47,19 @@ def _runs(slots: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
+_PAGE = 4096
+
+
 def _pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
-    """A host tensor page-locked with cudaHostRegister (exact size; torch's pinned allocator may
-    round a large request up to a power of two). Falls back to pin_memory=True."""
-    t = torch.empty(shape, dtype=dtype)
+    """A host tensor page-locked with cudaHostRegister on page-aligned memory (exact size: torch's
+    pinned allocator may round a large request up to a power of two). Falls back to pin_memory=True."""
+    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    raw = torch.empty(nbytes + _PAGE, dtype=torch.uint8)
+    offset = (-raw.data_ptr()) % _PAGE
+    t = raw[offset:offset + nbytes].view(dtype).view(shape)  # keeps `raw`'s storage alive
     try:
-        err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0))
-    except (AttributeError, RuntimeError):
+        err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0))
+    except Exception:  # no cudart binding in this torch build: torch's own pinned allocator
         err = -1
     if err == 0:
         return t, True
@@ -89,10 +95,12 @@ class HostKVTier:
         self._registered = False
         if self.device.type == "cuda":
             self.buffer, self._registered = _pinned_empty(shape, self._blocks.dtype)
+            self.pinned_by = "cudaHostRegister" if self._registered else "pin_memory"
             self.stream: torch.cuda.Stream | None = torch.cuda.Stream(self.device)
         else:
             self.buffer = torch.empty(shape, dtype=self._blocks.dtype)
             self.stream = None
+            self.pinned_by = None
 
     @staticmethod
     def slots_for_bytes(kv: torch.Tensor, num_bytes: float) -> int:
@@ -160,6 +168,7 @@ class HostKVTier:
         """Unregisters the page-locked buffer (the engine calls this when it is torn down)."""
         if self._registered:
             self._registered = False
+            self.stream.synchronize()  # no copy may touch the pages once they are unlocked
             torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
 
     def __del__(self) -> None:
