@@ -136,6 +136,8 @@ class _Seq:
     chain: list[Node] = field(default_factory=list)
     num_committed: int = 0
     """Leading blocks whose KV is computed and committed to the tree."""
+    final_computed: int | None = None
+    """Tokens computed when the request ended (set while its release waits for its last token)."""
 
 
 class KVCacheManager:
@@ -244,7 +246,8 @@ class KVCacheManager:
         if seq is None or not self.enable_prefix_caching:
             return True
         bs = self.block_size
-        computed = min(request.num_computed_tokens // bs, len(seq.blocks))
+        num_computed = request.num_computed_tokens if seq.final_computed is None else seq.final_computed
+        computed = min(num_computed // bs, len(seq.blocks))
         known = request.num_tokens - request.num_pending_tokens
         ready = min(computed, known // bs)
         if ready <= seq.num_committed:
@@ -257,18 +260,21 @@ class KVCacheManager:
         seq.num_committed = max(seq.num_committed, ready)
         return computed <= seq.num_committed
 
-    def release(self, request) -> None:
+    def release(self, request, wait_for_tokens: bool = True) -> None:
         """The request finished, was aborted or preempted: commit what it computed, then drop its
         blocks (cached ones stay reusable until evicted). With async scheduling a request that ends
-        by length still has its last fed token on the device: its blocks wait for the next poll(),
-        by when the engine knows that token, so the block holding it is committed too."""
+        by length still has its last fed token on the device: unless wait_for_tokens is False (a
+        preemption), its blocks wait for a later poll(), by when the engine knows that token, so the
+        block holding it is committed too."""
         self.commit(request)
         seq = self._seqs.get(request.request_id)
         if seq is None:
             return
         pending_from = request.num_tokens - request.num_pending_tokens
-        if self.enable_prefix_caching and request.num_pending_tokens and pending_from < request.num_computed_tokens:
+        if (wait_for_tokens and self.enable_prefix_caching and request.num_pending_tokens
+                and pending_from < request.num_computed_tokens):
             del self._seqs[request.request_id]
+            seq.final_computed = request.num_computed_tokens
             self._late.append((request, seq))
         else:
             self.free(request.request_id)
@@ -278,7 +284,7 @@ class KVCacheManager:
         still = []
         for request, seq in late:
             pending_from = request.num_tokens - request.num_pending_tokens
-            if force or not request.num_pending_tokens or pending_from >= request.num_computed_tokens:
+            if force or not request.num_pending_tokens or pending_from >= seq.final_computed:
                 self.commit(request, seq)
                 self._drop(request.request_id, seq)
             else:

@@ -91,7 +91,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self._projected_blocks -= self._projections.pop(request.request_id)
-        self.kv.release(request)  # what it computed stays cached: recomputing it may be a hit
+        self.kv.release(request, wait_for_tokens=False)  # what it computed stays cached: its recompute may hit
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
         request.num_preemptions += 1
