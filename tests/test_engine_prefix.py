@@ -168,3 +168,16 @@ def test_prometheus_counters_in_tokens():
     assert 'nanoflow:prefix_cache_queries_total{model_name="m"} 120.0' in text
     assert 'nanoflow:prefix_cache_hits_total{model_name="m"} 96.0' in text
     assert re.search(r"# TYPE nanoflow:prefix_cache_hits(_total)? counter", text)
+
+
+def test_offline_batch_computes_each_shared_prefix_once(ckpt):
+    """Three system prompts, requests interleaved: each system prompt is computed once, by the first
+    request of its group; the others of the group (admitted in the same call) wait for it and reuse it."""
+    rng = random.Random(4)
+    systems = [[rng.randrange(10, 500) for _ in range(24)] for _ in range(3)]
+    prompts = [systems[i % 3] + [rng.randrange(10, 500) for _ in range(5)] for i in range(9)]
+    llm = LLM(model=str(ckpt), num_kv_blocks=256, **BASE)
+    off = LLM(model=str(ckpt), num_kv_blocks=256, enable_prefix_caching=False, **BASE)
+    assert _tokens(llm, prompts) == _tokens(off, prompts)
+    assert llm.engine.stats().prefill_tokens_computed == 3 * 29 + 6 * 5
+    _idle_and_clean(llm)

@@ -17,7 +17,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from nanoflow.engine.kv_host_tier import CopyHandle, HostKVTier, HostSlots
-from nanoflow.engine.prefix_cache import Node, PrefixHit, PrefixTree, TokenSource
+from nanoflow.engine.prefix_cache import Node, PrefixHit, PrefixTree
 
 
 class KVCacheError(RuntimeError):

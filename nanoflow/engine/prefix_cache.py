@@ -16,8 +16,9 @@ This module is bookkeeping only; KVCacheManager (kv_cache.py) owns the blocks an
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Protocol
 
 
 class TokenSource(Protocol):
