@@ -384,10 +384,13 @@ class LLMEngine:
         pc, sc = self.kv.stats, self.scheduler.stats
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting),
                            self.kv.pool.num_used, self.kv.pool.num_blocks, last, len(self.step_times),
-                           self.runner.plan_steps, pc.queries, pc.hits, pc.host_hits, self.kv.pool.num_cached,
-                           self.kv.num_host_slots_used, self.kv.host.num_slots if self.kv.host else 0,
-                           pc.blocks_saved, pc.blocks_loaded, sc.tokens_computed, sc.prefill_tokens_computed,
-                           sc.num_preemptions)
+                           self.runner.plan_steps, prefix_cache_queries=pc.queries, prefix_cache_hits=pc.hits,
+                           prefix_cache_host_hits=pc.host_hits, kv_blocks_cached=self.kv.pool.num_cached,
+                           kv_host_blocks_used=self.kv.num_host_slots_used,
+                           kv_host_blocks_total=self.kv.host.num_slots if self.kv.host else 0,
+                           kv_host_blocks_saved=pc.blocks_saved, kv_host_blocks_loaded=pc.blocks_loaded,
+                           tokens_computed=sc.tokens_computed, prefill_tokens_computed=sc.prefill_tokens_computed,
+                           num_preemptions=sc.num_preemptions)
 
     def reset_prefix_cache(self) -> None:
         """Forgets every cached prefix no request is using (device and host tier)."""
