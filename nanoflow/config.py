@@ -44,6 +44,12 @@ class EngineConfig:
     kv_admission_ratio: float = 1.0
     """Admit a waiting request while the projected KV use of all running requests (prompt + max_tokens)
     stays under this fraction of the cache. Above 1.0 overcommits and relies on preemption."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV of full blocks whose token prefix an earlier request computed (the cached prefix
+    skips its prefill); --no-enable-prefix-caching turns it off."""
+    kv_host_gb: float = 0.0
+    """Host-memory (pinned) tier behind the KV cache, in GiB: cached blocks are also copied there when
+    released, and a hit there is copied back instead of recomputed (0: no host tier). Needs prefix caching."""
     use_triton: str = "auto"
     """'auto' (Triton kernels on CUDA), 'on' or 'off' (torch reference kernels)."""
     enforce_eager: bool = False
@@ -81,6 +87,10 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not self.kv_host_gb >= 0:
+            raise ValueError(f"kv_host_gb must be >= 0, got {self.kv_host_gb}")
+        if self.kv_host_gb > 0 and not self.enable_prefix_caching:
+            raise ValueError("kv_host_gb needs prefix caching (drop --no-enable-prefix-caching)")
         if self.kv_admission_ratio <= 0:
             raise ValueError(f"kv_admission_ratio must be positive, got {self.kv_admission_ratio}")
 

@@ -41,13 +41,19 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
-        ids = []
-        for prompt, p in zip(prompts, params):
-            request_id = str(self._counter)
-            self._counter += 1
-            self.engine.add_request(request_id, _prompt_of(prompt), p)
-            ids.append(request_id)
+        ids = [str(self._counter + i) for i in range(len(prompts))]
+        self._counter += len(prompts)
+        resolved = [_prompt_of(prompt) for prompt in prompts]
+        order = range(len(prompts))
+        if self.engine.config.enable_prefix_caching:
+            order = prefix_grouped_order(resolved)
+        for i in order:
+            self.engine.add_request(ids[i], resolved[i], params[i])
         return self._run(ids, use_tqdm)
+
+    def reset_prefix_cache(self) -> None:
+        """Forgets every cached prefix (device and host tier), e.g. between benchmark runs."""
+        self.engine.reset_prefix_cache()
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
@@ -65,6 +71,18 @@ class LLM:
                     bar.update(1)
         bar.close()
         return [done[i] for i in ids]
+
+
+def prefix_grouped_order(prompts: Sequence[str | list[int]]) -> list[int]:
+    """The order to admit an offline batch in (BatchLLM's global prefix grouping): sorted by content,
+    so prompts sharing a prefix are admitted one after another and the prefix is computed once (the
+    scheduler holds a prompt back while its shared block is being computed, then reuses it), and a
+    group's blocks are reused while they are still cached. Token-id prompts come first (sorted by
+    ids), then texts (sorted as strings: a shared leading text is a shared leading token run)."""
+    def key(i: int):
+        p = prompts[i]
+        return (1, p, ()) if isinstance(p, str) else (0, "", tuple(p))
+    return sorted(range(len(prompts)), key=key)
 
 
 def _prompt_of(prompt: PromptType) -> str | list[int]:

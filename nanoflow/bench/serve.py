@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from nanoflow.bench.workloads import BenchRequest, parse_workload, sample_requests
+from nanoflow.bench.workloads import BenchRequest, Conversation, parse_workload, sample_conversations, sample_requests
 
 _TIMEOUT = httpx.Timeout(6 * 3600.0, connect=30.0)
 _METRICS = (("ttft", "TTFT", "Time to First Token"),
@@ -45,6 +45,8 @@ class RequestResult:
     start: float = 0.0
     chunk_times: list[float] = field(default_factory=list)
     error: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    """Generated ids, when the server returns them (vLLM's return_token_ids; multi-round runs ask)."""
 
 
 @dataclass(frozen=True)
@@ -76,10 +78,12 @@ def fetch_server_info(base_url: str, api_key: str | None = None) -> ServerInfo:
 
 
 async def _send(client: httpx.AsyncClient, url: str, headers: dict[str, str], model: str,
-                req: BenchRequest, temperature: float, t0: float) -> RequestResult:
+                req: BenchRequest, temperature: float, t0: float, want_ids: bool = False) -> RequestResult:
     payload = {"model": model, "prompt": req.prompt_token_ids, "max_tokens": req.output_len,
                "ignore_eos": True, "temperature": temperature, "stream": True,
                "stream_options": {"include_usage": True}}
+    if want_ids:
+        payload["return_token_ids"] = True
     res = RequestResult(prompt_len=len(req.prompt_token_ids))
     start = time.perf_counter()
     res.start = start - t0
@@ -102,6 +106,9 @@ async def _send(client: httpx.AsyncClient, url: str, headers: dict[str, str], mo
                     return res
                 now = time.perf_counter()
                 if chunk.get("choices"):
+                    ids = chunk["choices"][0].get("token_ids") if want_ids else None
+                    if ids:
+                        res.token_ids.extend(int(t) for t in ids)
                     if chunks == 0:
                         res.ttft = now - start
                     else:
@@ -182,6 +189,61 @@ async def run_serving_benchmark(base_url: str, requests: Sequence[BenchRequest],
     metrics = compute_metrics(results, duration)
     metrics.update(request_rate=request_rate, max_concurrency=max_concurrency, model=model,
                    base_url=base_url, num_requests=len(requests))
+    return metrics
+
+
+async def run_conversation_benchmark(base_url: str, conversations: Sequence[Conversation],
+                                     request_rate: float = math.inf, *, model: str | None = None,
+                                     api_key: str | None = None, seed: int = 0, max_concurrency: int | None = None,
+                                     temperature: float = 0.0) -> dict[str, Any]:
+    """Multi-round conversations, closed-loop: conversations start at Poisson times (`request_rate`
+    conversations/s), each sends its turns one after the other, turn k+1's prompt being turn k's prompt,
+    its answer and the next user tokens. The answer is the ids the server generated when it returns
+    them (`return_token_ids`, as vLLM does), else the workload's stand-in answer of the same length (then
+    only the earlier prompts, not the answers, can hit the server's prefix cache). Metrics are per turn."""
+    if not conversations:
+        raise ValueError("no conversations to run")
+    if max_concurrency is not None and max_concurrency <= 0:
+        raise ValueError(f"max_concurrency must be positive, got {max_concurrency}")
+    offsets = arrival_offsets(len(conversations), request_rate, seed)
+    url = f"{base_url.rstrip('/')}/v1/completions"
+    headers = _headers(api_key)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    served_answers = [0]
+    async with httpx.AsyncClient(timeout=_TIMEOUT, limits=limits) as client:
+        if model is None:
+            model = await _fetch_model(client, base_url, headers)
+        gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+        t0 = time.perf_counter()
+
+        async def one(conv: Conversation, offset: float) -> list[RequestResult]:
+            delay = t0 + offset - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            results, prompt = [], []
+            for turn in conv.turns:
+                prompt = prompt + list(turn.user_token_ids)
+                req = BenchRequest(prompt_token_ids=prompt, output_len=turn.output_len)
+                if gate is None:
+                    res = await _send(client, url, headers, model, req, temperature, t0, want_ids=True)
+                else:
+                    async with gate:
+                        res = await _send(client, url, headers, model, req, temperature, t0, want_ids=True)
+                results.append(res)
+                if not res.success:
+                    break  # the conversation cannot go on without this answer
+                served = len(res.token_ids) == res.output_tokens
+                served_answers[0] += served
+                prompt = prompt + (res.token_ids if served else list(turn.answer_token_ids))
+            return results
+
+        per_conv = await asyncio.gather(*(one(c, o) for c, o in zip(conversations, offsets)))
+        duration = time.perf_counter() - t0
+    results = [r for rs in per_conv for r in rs]
+    metrics = compute_metrics(results, duration)
+    metrics.update(request_rate=request_rate, max_concurrency=max_concurrency, model=model, base_url=base_url,
+                   num_requests=len(results), num_conversations=len(conversations),
+                   planned_turns=sum(len(c.turns) for c in conversations), answers_from_server=served_answers[0])
     return metrics
 
 
@@ -304,7 +366,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, help="model name to send (default: the server's first model)")
     parser.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
     parser.add_argument("--workload", default="constant:512:512",
-                        help="constant:IN:OUT, splitwise, lmsys, sharegpt, or a PATH.csv (default %(default)s)")
+                        help="constant:IN:OUT, splitwise, lmsys, sharegpt, a PATH.csv, shared-prefix:SYS:UNIQUE:OUT"
+                             "[:GROUPS], or multi-round:TRACE[:ROUNDS] (closed-loop conversations; --request-rate "
+                             "and --num-requests then count conversations) (default %(default)s)")
     parser.add_argument("--request-rate", type=_rate, default=math.inf,
                         help="Poisson arrival rate in requests/s; inf sends all at once (default %(default)s)")
     parser.add_argument("--sweep", type=_rates, default=None, metavar="R1,R2,...",
@@ -349,17 +413,30 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     if vocab is None:
         raise ValueError("the server does not report vocab_size: pass --vocab-size")
     workload = parse_workload(args.workload, args.trace_dir)
-    requests = sample_requests(workload, args.num_requests, args.seed, vocab, args.max_model_len or info.max_model_len)
+    max_len = args.max_model_len or info.max_model_len
+    if workload.kind == "multi-round":
+        requests = sample_conversations(workload, args.num_requests, args.seed, vocab, max_len)
+        what = "conversations"
+    else:
+        requests = sample_requests(workload, args.num_requests, args.seed, vocab, max_len)
+        what = "requests"
     model = args.model or info.model
     label = args.label or model
     rates = args.sweep or [args.request_rate]
     runs = []
     for rate in rates:
-        print(f"Traffic request rate: {rate}  ({len(requests)} requests of {workload.describe()})", flush=True)
-        m = asyncio.run(run_serving_benchmark(
-            args.base_url, requests, rate, model=model, api_key=args.api_key, seed=args.seed,
-            max_concurrency=args.max_concurrency, temperature=args.temperature, warmup=not args.no_warmup,
-            use_tqdm=not args.disable_tqdm))
+        print(f"Traffic request rate: {rate}  ({len(requests)} {what} of {workload.describe()})", flush=True)
+        if workload.kind == "multi-round":
+            m = asyncio.run(run_conversation_benchmark(
+                args.base_url, requests, rate, model=model, api_key=args.api_key, seed=args.seed,
+                max_concurrency=args.max_concurrency, temperature=args.temperature))
+            print(f"multi-round: {m['num_requests']} of {m['planned_turns']} turns sent, "
+                  f"{m['answers_from_server']} next prompts carried the server's own answer ids", flush=True)
+        else:
+            m = asyncio.run(run_serving_benchmark(
+                args.base_url, requests, rate, model=model, api_key=args.api_key, seed=args.seed,
+                max_concurrency=args.max_concurrency, temperature=args.temperature, warmup=not args.no_warmup,
+                use_tqdm=not args.disable_tqdm))
         m.update(workload=args.workload, seed=args.seed, label=label)
         print(format_results(m), flush=True)
         for error in m["errors"]:

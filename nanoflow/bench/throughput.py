@@ -2,7 +2,10 @@
 
 One process: build the engine, warm up (excluded), measure the GEMM peak right before the timed run,
 time `llm.generate` over all requests, then optionally the same requests under another plan
-(`--compare`) and through transformers' static batched `generate` with the same weights (`--baseline hf`).
+(`--compare`), with prefix caching or the host tier off (`--compare-prefix-caching`,
+`--compare-host-tier`), and through transformers' static batched `generate` with the same weights
+(`--baseline hf`). Every timed run starts with an empty prefix cache; multi-round workloads run their
+conversations closed-loop (bench/conversations.py).
 """
 from __future__ import annotations
 
@@ -24,7 +27,10 @@ from nanoflow.bench.gemm_peak import GemmPeak, device_name, measure_gemm_peak
 from nanoflow.bench.hf_baseline import empty_cache, run_hf_baseline, synchronize
 from nanoflow.bench.host_load import HostLoadMeter
 from nanoflow.bench.step_stats import StepStats, step_statistics
-from nanoflow.bench.workloads import BenchRequest, Workload, parse_workload, sample_requests
+from nanoflow.bench.conversations import (ConversationRun, format_kv_reuse, kv_counters, kv_reuse,
+                                          run_conversations)
+from nanoflow.bench.workloads import (BenchRequest, Conversation, ConversationTurn, Workload, parse_workload,
+                                      sample_conversations, sample_requests)
 from nanoflow.config import EngineConfig
 
 WARMUP_MAX_OUTPUT_TOKENS = 64
@@ -50,7 +56,8 @@ class ThroughputOptions:
     device: str = "auto"
     """EngineConfig.device."""
     workload: str = "constant:512:512"
-    """constant:IN:OUT, splitwise, lmsys, sharegpt, or a PATH.csv."""
+    """constant:IN:OUT, splitwise, lmsys, sharegpt, a PATH.csv, shared-prefix:SYS:UNIQUE:OUT[:GROUPS] or
+    multi-round:TRACE[:ROUNDS] (then num_requests counts conversations)."""
     num_requests: int = 1000
     """Timed requests."""
     seed: int = 0
@@ -65,6 +72,10 @@ class ThroughputOptions:
     """EngineConfig.plan of the main run."""
     compare: str | None = None
     """Another plan to run the same requests with, in this process; the ratio plan / compare is reported."""
+    compare_prefix_caching: bool = False
+    """Also run the same requests with prefix caching off (same engine); the ratio on / off is reported."""
+    compare_host_tier: bool = False
+    """Also run the same requests with the host KV tier off (same engine; needs kv_host_gb > 0)."""
     baseline: str | None = None
     """'hf': also run transformers' static batched generate with the same weights."""
     hf_batch_size: int = 64
@@ -96,6 +107,12 @@ class ThroughputOptions:
             raise ValueError(f"baseline must be 'hf' or None, got {self.baseline!r}")
         if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
             raise ValueError(f"temperature must be a non-negative number, got {self.temperature!r}")
+        if sum([self.compare is not None, bool(self.compare_prefix_caching), bool(self.compare_host_tier)]) > 1:
+            raise ValueError("compare, compare_prefix_caching and compare_host_tier: choose one comparison")
+        if self.compare_prefix_caching and self.engine_args.get("enable_prefix_caching") is False:
+            raise ValueError("compare_prefix_caching compares against caching on: drop --no-enable-prefix-caching")
+        if self.compare_host_tier and not self.engine_args.get("kv_host_gb"):
+            raise ValueError("compare_host_tier needs a host tier: pass --kv-host-gb")
         clash = sorted(set(self.engine_args) & set(_DEDICATED_ENGINE_FIELDS))
         if clash:
             raise ValueError(f"engine_args: set {', '.join(clash)} with its own option")
@@ -134,6 +151,10 @@ class TimedRun:
     plan's min_attn_share did not apply. None when the engine does not count them."""
     host_load: dict | None = None
     """On CPU: CPU seconds of this process and of all others during the timed region (HostLoad)."""
+    kv: dict | None = None
+    """Prefill tokens computed vs prompt tokens, prefix-cache and host-tier counters of this run."""
+    variant: str | None = None
+    """What a KV comparison changed in this run ('prefix caching on', 'host tier off', ...)."""
 
     def metrics(self, num_params: int) -> dict:
         """The figures BENCHMARKING.md asks for, as a flat dict."""
@@ -162,6 +183,8 @@ class TimedRun:
             "gpu_idle": self.gpu_idle,
             "plan_steps": self.plan_steps,
             "host_load": self.host_load,
+            "variant": self.variant,
+            "kv": self.kv,
         }
 
 
@@ -169,6 +192,8 @@ def run_throughput(**kwargs) -> dict:
     """Runs the benchmark (keyword arguments: ThroughputOptions fields) and returns the result dict."""
     opts = ThroughputOptions(**kwargs)
     workload = parse_workload(opts.workload, opts.trace_dir)
+    if workload.kind == "multi-round" and opts.baseline is not None:
+        raise ValueError("the transformers baseline runs single requests: not with a multi-round workload")
     started = datetime.now(timezone.utc).astimezone()
 
     llm = _build_llm(opts, opts.plan)
@@ -176,15 +201,39 @@ def run_throughput(**kwargs) -> dict:
     model_config = llm.model_config
     num_params = model_config.num_active_parameters()  # MoE: per token (Mixtral 8x7B 12.9e9), not all experts
     max_len = _max_model_len(llm, opts)
-    requests = sample_requests(workload, opts.num_requests, opts.seed, model_config.vocab_size, max_len)
+    if workload.kind == "multi-round":
+        requests = sample_conversations(workload, opts.num_requests, opts.seed, model_config.vocab_size, max_len)
+        turns = [len(c.turns) for c in requests]
+        print(f"[bench] {opts.model}: {num_params / 1e9:.3f}B params, {workload.describe()}, "
+              f"{len(requests)} conversations, {sum(turns)} turns, "
+              f"{sum(sum(c.prompt_lens()) for c in requests)} prompt tokens (history included), "
+              f"{sum(t.output_len for c in requests for t in c.turns)} output tokens", flush=True)
+    else:
+        requests = sample_requests(workload, opts.num_requests, opts.seed, model_config.vocab_size, max_len)
+        print(f"[bench] {opts.model}: {num_params / 1e9:.3f}B params, {workload.describe()}, "
+              f"{len(requests)} requests, {sum(len(r.prompt_token_ids) for r in requests)} prompt tokens, "
+              f"{sum(r.output_len for r in requests)} output tokens", flush=True)
     warmup = _warmup_requests(workload, opts, model_config.vocab_size, max_len)
-    print(f"[bench] {opts.model}: {num_params / 1e9:.3f}B params, {workload.describe()}, "
-          f"{len(requests)} requests, {sum(len(r.prompt_token_ids) for r in requests)} prompt tokens, "
-          f"{sum(r.output_len for r in requests)} output tokens", flush=True)
 
+    kv_variant = _kv_variant(opts)
     main = _timed_run(llm, opts.plan, requests, warmup, opts, device, dtype)
+    main.variant = kv_variant and f"{kv_variant} on"
     runs = {"main": main.metrics(num_params)}
     _print_run("nanoflow", runs["main"])
+    if kv_variant is not None:
+        if opts.compare_prefix_caching:
+            llm.engine.kv.set_prefix_caching(False)
+        else:
+            llm.engine.kv.set_host_tier_enabled(False)
+        compared = _timed_run(llm, opts.plan, requests, warmup, opts, device)
+        compared.variant = f"{kv_variant} off"
+        runs["compare"] = compared.metrics(num_params)
+        runs["compare"]["ratio"] = runs["main"]["total_tokens_per_s"] / runs["compare"]["total_tokens_per_s"]
+        runs["compare"]["ratio_means"] = f"total tokens/s with {kv_variant} on / off"
+        on, off = runs["main"]["kv"], runs["compare"]["kv"]
+        if on and off and on["prefill_tokens_computed"]:
+            runs["compare"]["prefill_ratio"] = off["prefill_tokens_computed"] / on["prefill_tokens_computed"]
+        _print_run(f"nanoflow ({kv_variant} off)", runs["compare"])
     if opts.compare is not None:
         if hasattr(llm, "set_plan"):
             llm.set_plan(opts.compare)
@@ -278,6 +327,12 @@ def _warmup_requests(workload: Workload, opts: ThroughputOptions, vocab_size: in
                      max_len: int) -> list[BenchRequest]:
     if opts.warmup_requests == 0:
         return []
+    if workload.kind == "multi-round":
+        convs = sample_conversations(workload, opts.warmup_requests, opts.seed + WARMUP_SEED_OFFSET, vocab_size,
+                                     max_len)
+        cap = WARMUP_MAX_OUTPUT_TOKENS
+        return [Conversation([ConversationTurn(t.user_token_ids, min(t.output_len, cap), t.answer_token_ids[:cap])
+                              for t in c.turns]) for c in convs]
     sample = sample_requests(workload, opts.warmup_requests, opts.seed + WARMUP_SEED_OFFSET, vocab_size, max_len)
     return [dataclasses.replace(r, output_len=min(r.output_len, WARMUP_MAX_OUTPUT_TOKENS)) for r in sample]
 
@@ -293,14 +348,23 @@ def _generate_inputs(requests: list[BenchRequest], temperature: float) -> tuple[
 
 def _timed_run(llm, plan: str, requests: list[BenchRequest], warmup: list[BenchRequest],
                opts: ThroughputOptions, device: torch.device, model_dtype: torch.dtype) -> TimedRun:
+    conversations = bool(requests) and isinstance(requests[0], Conversation)
     if warmup:
-        print(f"[bench] warm-up: {len(warmup)} untimed requests of at most {WARMUP_MAX_OUTPUT_TOKENS} "
+        what = "conversations" if conversations else "requests"
+        print(f"[bench] warm-up: {len(warmup)} untimed {what} of at most {WARMUP_MAX_OUTPUT_TOKENS} "
               f"output tokens ...", flush=True)
         with HostLoadMeter() as warm_load:
-            llm.generate(*_generate_inputs(warmup, opts.temperature), use_tqdm=opts.use_tqdm)
-        print(f"[bench] warm-up: {len(warmup)} requests in {warm_load.wall_s:.1f} s (excluded)", flush=True)
+            if conversations:
+                run_conversations(llm.engine, warmup, opts.temperature)
+            else:
+                llm.generate(*_generate_inputs(warmup, opts.temperature), use_tqdm=opts.use_tqdm)
+        print(f"[bench] warm-up: {len(warmup)} {what} in {warm_load.wall_s:.1f} s (excluded)", flush=True)
         _warn_if_contended(warm_load, "warm-up", device)
-    prompts, params = _generate_inputs(requests, opts.temperature)
+    if hasattr(llm, "reset_prefix_cache"):  # every timed run starts cold: nothing cached by an earlier run
+        llm.reset_prefix_cache()
+    if not conversations:
+        prompts, params = _generate_inputs(requests, opts.temperature)
+    kv_before = kv_counters(llm.engine.stats() if hasattr(llm.engine, "stats") else None)
     gemm = _gemm_peak(device, model_dtype)
     step_log = getattr(llm.engine, "step_times", None)
     if device.type == "cuda":
@@ -312,23 +376,39 @@ def _timed_run(llm, plan: str, requests: list[BenchRequest], warmup: list[BenchR
     synchronize(device)
     with HostLoadMeter() as load:
         t0 = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=opts.use_tqdm)
+        if conversations:
+            counts = run_conversations(llm.engine, requests, opts.temperature, use_tqdm=opts.use_tqdm)
+        else:
+            outputs = llm.generate(prompts, params, use_tqdm=opts.use_tqdm)
         synchronize(device)
         wall = time.perf_counter() - t0
     _warn_if_contended(load, "timed run", device)
+    if not conversations:
+        counts = _batch_counts(requests, outputs)
     # step_times is append-only: this run's steps are the ones after the snapshot.
     steps = step_statistics(step_log[first_step:]) if step_log is not None else None
     stats = llm.engine.stats() if hasattr(llm.engine, "stats") else None
     gpu_idle = llm.engine.gpu_idle_stats() if device.type == "cuda" else None
     return TimedRun(
-        plan=plan, requests=len(requests),
-        input_tokens=sum(len(r.prompt_token_ids) for r in requests),
-        output_tokens=sum(len(c.token_ids) for o in outputs for c in o.outputs),
-        expected_output_tokens=sum(r.output_len for r in requests),
+        plan=plan, requests=counts.requests, input_tokens=counts.input_tokens, output_tokens=counts.output_tokens,
+        expected_output_tokens=counts.expected_output_tokens,
         wall_s=wall, steps=steps, gemm=gemm, gpu_idle=gpu_idle,
         plan_steps=None if plan_steps_before is None else runner.plan_steps - plan_steps_before,
         host_load=load.result.to_dict() if device.type == "cpu" and load.result is not None else None,
-        engine_stats=dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else None)
+        engine_stats=dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else None,
+        kv=kv_reuse(kv_before, kv_counters(stats), counts.input_tokens))
+
+
+def _batch_counts(requests: list[BenchRequest], outputs) -> ConversationRun:
+    return ConversationRun(requests=len(requests), input_tokens=sum(len(r.prompt_token_ids) for r in requests),
+                           output_tokens=sum(len(c.token_ids) for o in outputs for c in o.outputs),
+                           expected_output_tokens=sum(r.output_len for r in requests))
+
+
+def _kv_variant(opts: ThroughputOptions) -> str | None:
+    if opts.compare_prefix_caching:
+        return "prefix caching"
+    return "host tier" if opts.compare_host_tier else None
 
 
 def _warn_if_contended(meter: HostLoadMeter, what: str, device: torch.device) -> None:
@@ -386,6 +466,8 @@ def format_table(result: dict) -> str:
     for label, run in (("nanoflow", result), ("nanoflow compare", result.get("compare"))):
         if run is None:
             continue
+        if run.get("variant"):
+            label = f"nanoflow {run['variant']}"
         rows.append((label, run["plan"], str(run["requests"]), f"{run['wall_s']:.2f}",
                      _fmt(run["total_tokens_per_s"]), _fmt(run["output_tokens_per_s"]),
                      _fmt(run["requests_per_s"], 2), _fmt(run["steady_state_total_tokens_per_s"]),
@@ -424,7 +506,16 @@ def format_table(result: dict) -> str:
         if run is not None and run.get("plan_steps") and run.get("steps"):
             out.append(f"plan {run['plan']!r} ran on {run['plan_steps']} of {run['steps']['num_steps']} steps "
                        "(the others sequentially: min_attn_share)")
-    if result.get("compare") is not None:
+    for run in (result, result.get("compare")):
+        if run is not None and run.get("kv"):
+            out.append(format_kv_reuse(f"nanoflow {run.get('variant') or run['plan']}", run["kv"]))
+    compare = result.get("compare")
+    if compare is not None and compare.get("variant"):
+        out.append(f"{compare['ratio_means']}: {compare['ratio']:.3f}x")
+        if compare.get("prefill_ratio") is not None:
+            out.append(f"prefill tokens computed, {compare['variant']} / {result['variant']}: "
+                       f"{compare['prefill_ratio']:.2f}x")
+    elif compare is not None:
         out.append(f"plan ratio {result['plan']!r} / {result['compare']['plan']!r}: {result['compare']['ratio']:.3f}x")
     if base is not None:
         out.append(f"nanoflow / transformers: {base['ratio']:.2f}x ({base['ratio_means']})")
@@ -448,8 +539,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=d.dtype, help="auto, bfloat16, float16 or float32")
     parser.add_argument("--device", default=d.device, help="auto, cuda, cuda:N or cpu")
     parser.add_argument("--workload", default=d.workload,
-                        help="constant:IN:OUT, splitwise, lmsys, sharegpt, or a PATH.csv (default %(default)s)")
-    parser.add_argument("--num-requests", type=int, default=d.num_requests, help="timed requests (default %(default)s)")
+                        help="constant:IN:OUT, splitwise, lmsys, sharegpt, a PATH.csv, shared-prefix:SYS:UNIQUE:OUT"
+                             "[:GROUPS] or multi-round:TRACE[:ROUNDS] (default %(default)s)")
+    parser.add_argument("--num-requests", type=int, default=d.num_requests,
+                        help="timed requests; conversations for multi-round (default %(default)s)")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the requests and the engine")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="token budget of a dense batch (default: the engine's, 2048 on GPU, 512 on CPU)")
@@ -460,6 +553,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--plan", default=d.plan, help=plan_help())
     parser.add_argument("--compare", metavar="PLAN", default=None,
                         help="also run the same requests with this plan (same process) and report the ratio")
+    parser.add_argument("--compare-prefix-caching", action="store_true",
+                        help="also run the same requests with prefix caching off (same engine) and report "
+                             "the ratios of throughput and of prefill tokens computed")
+    parser.add_argument("--compare-host-tier", action="store_true",
+                        help="also run the same requests with the host KV tier off (needs --kv-host-gb)")
     parser.add_argument("--baseline", choices=["hf"], default=None,
                         help="also run transformers' static batched generate with the same weights")
     parser.add_argument("--hf-batch-size", type=int, default=d.hf_batch_size, help="requests per transformers generate call, left-padded (default %(default)s)")
@@ -498,6 +596,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             workload=args.workload, num_requests=args.num_requests, seed=args.seed,
             max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len, plan=args.plan, compare=args.compare, baseline=args.baseline,
+            compare_prefix_caching=args.compare_prefix_caching, compare_host_tier=args.compare_host_tier,
             hf_batch_size=args.hf_batch_size, hf_num_requests=args.hf_num_requests,
             warmup_requests=args.warmup_requests, temperature=args.temperature, output_json=args.output_json,
             trace_dir=args.trace_dir, engine_args=engine_args_from(args),

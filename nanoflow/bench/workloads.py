@@ -7,7 +7,14 @@ A spec is one of
 - ``sharegpt``         NanoFlow's ShareGPT length file (``nanoflow/sharegpt.csv``);
   the three ship in the package (``nanoflow/bench/traces/<name>.csv``, sources and licences in
   ``traces/SOURCES.md``); a ``--trace-dir`` or ``$NANOFLOW_TRACE_DIR`` folder is read first;
-- ``PATH.csv``         any CSV with ``ContextTokens,GeneratedTokens`` columns (and optionally ``TIMESTAMP``).
+- ``PATH.csv``         any CSV with ``ContextTokens,GeneratedTokens`` columns (and optionally ``TIMESTAMP``);
+- ``shared-prefix:SYS:UNIQUE:OUT[:GROUPS]``  one long shared system prompt of SYS random tokens (or GROUPS
+                       of them, requests interleaved round-robin), then UNIQUE random tokens per request,
+                       exactly OUT output tokens: what prefix caching is for;
+- ``multi-round:TRACE[:ROUNDS]``  conversations of ROUNDS turns (default 4): each turn's new user tokens
+                       and answer length from one row of TRACE (lmsys, sharegpt, splitwise or a PATH.csv),
+                       and each later turn carries the earlier turns, prompts and answers, as its prompt
+                       (`sample_conversations`; run closed-loop, one turn after the other).
 
 Trace rows with input > 3072 or output > 1024 tokens are dropped, as NanoFlow's trace generator does,
 and so are rows with 0 tokens and rows longer (input + output) than the model's context.
@@ -41,7 +48,10 @@ NAMED_TRACES = {
 PACKAGED_TRACE_DIR = Path(__file__).resolve().parent / "traces"
 """The copies shipped in the package, one <workload name>.csv each (sources and licences: SOURCES.md)."""
 
-_SPEC_FORMS = "constant:IN:OUT, splitwise, lmsys, sharegpt, or a PATH.csv"
+_SPEC_FORMS = ("constant:IN:OUT, splitwise, lmsys, sharegpt, a PATH.csv, shared-prefix:SYS:UNIQUE:OUT[:GROUPS], "
+               "or multi-round:TRACE[:ROUNDS]")
+DEFAULT_ROUNDS = 4
+"""Turns per conversation of a multi-round workload when the spec does not say."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +67,13 @@ class Workload:
     output_len: int | None = None
     """Output tokens of every request ('constant' only)."""
     path: Path | None = None
-    """The resolved trace CSV ('trace' only)."""
+    """The resolved trace CSV ('trace' and 'multi-round')."""
+    prefix_len: int | None = None
+    """Shared system-prompt tokens ('shared-prefix' only; input_len is then the unique part)."""
+    num_groups: int = 1
+    """Distinct system prompts ('shared-prefix' only)."""
+    rounds: int | None = None
+    """Turns per conversation ('multi-round' only)."""
 
     def describe(self) -> str:
         """A short human-readable name (the spec, plus the file for traces)."""
@@ -122,6 +138,10 @@ def parse_workload(spec: str, trace_dir: str | Path | None = None) -> Workload:
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"workload must be one of {_SPEC_FORMS}, got {spec!r}")
     spec = spec.strip()
+    if spec.startswith("shared-prefix"):
+        return _parse_shared_prefix(spec)
+    if spec.startswith("multi-round"):
+        return _parse_multi_round(spec, trace_dir)
     if spec.startswith("constant:") or spec == "constant":
         parts = spec.split(":")
         if len(parts) != 3:
@@ -223,6 +243,10 @@ def sample_requests(workload: Workload, num_requests: int, seed: int, vocab_size
     rate by num_requests / rows, while `contiguous=True` takes a window of consecutive rows at a seeded
     random start and so keeps the trace's real rate and burstiness.
     """
+    if workload.kind == "multi-round":
+        raise ValueError(f"workload {workload.spec!r} is a set of conversations: use sample_conversations")
+    if workload.kind == "shared-prefix":
+        return _sample_shared_prefix(workload, num_requests, seed, vocab_size, max_model_len)
     if num_requests <= 0:
         raise ValueError(f"num_requests must be positive, got {num_requests}")
     if vocab_size < 2 * TOKEN_ID_MARGIN + 1:
@@ -276,3 +300,125 @@ def _choose_rows(rng: np.random.Generator, num_rows: int, num_requests: int, con
         return list(range(first, first + num_requests))
     replace = num_requests > num_rows
     return rng.choice(num_rows, size=num_requests, replace=replace).tolist()
+
+
+# ---- prefix-sharing workloads -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ConversationTurn:
+    """One turn of a multi-round conversation."""
+
+    user_token_ids: list[int]
+    """The turn's new user tokens (random ids, seeded)."""
+    output_len: int
+    """Exact number of tokens to generate (ignore_eos)."""
+    answer_token_ids: list[int]
+    """A stand-in answer of output_len random ids, for clients that do not get the generated ids back
+    (the next turn then carries these instead of the real answer)."""
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """Turns run one after the other; turn k's prompt is every earlier prompt and answer, then its own
+    user tokens."""
+
+    turns: list[ConversationTurn]
+    """At least one turn."""
+
+    def prompt_lens(self) -> list[int]:
+        """Prompt tokens of each turn (the answers have their exact lengths)."""
+        lens, history = [], 0
+        for turn in self.turns:
+            lens.append(history + len(turn.user_token_ids))
+            history = lens[-1] + turn.output_len
+        return lens
+
+
+def _parse_int(spec: str, name: str, text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"workload {spec!r}: {name} must be an integer, got {text!r}") from None
+    if value < minimum:
+        raise ValueError(f"workload {spec!r}: {name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _parse_shared_prefix(spec: str) -> Workload:
+    parts = spec.split(":")
+    if len(parts) not in (4, 5) or parts[0] != "shared-prefix":
+        raise ValueError(f"workload {spec!r}: expected shared-prefix:SYS:UNIQUE:OUT[:GROUPS], "
+                         "e.g. shared-prefix:1024:128:128")
+    names = ("SYS", "UNIQUE", "OUT", "GROUPS")
+    sys_len, unique, out, *groups = (_parse_int(spec, n, t, 1) for n, t in zip(names, parts[1:]))
+    return Workload(spec=spec, kind="shared-prefix", input_len=unique, output_len=out, prefix_len=sys_len,
+                    num_groups=groups[0] if groups else 1)
+
+
+def _parse_multi_round(spec: str, trace_dir: str | Path | None) -> Workload:
+    rest = spec[len("multi-round"):]
+    if not rest.startswith(":") or len(rest) == 1:
+        raise ValueError(f"workload {spec!r}: expected multi-round:TRACE[:ROUNDS], e.g. multi-round:sharegpt:4")
+    trace, rounds = rest[1:], DEFAULT_ROUNDS
+    head, _, tail = trace.rpartition(":")
+    if head and tail.strip().lstrip("-").isdigit():
+        trace, rounds = head, _parse_int(spec, "ROUNDS", tail, 1)
+    if trace not in NAMED_TRACES and not trace.lower().endswith(".csv"):
+        raise ValueError(f"workload {spec!r}: TRACE must be splitwise, lmsys, sharegpt or a PATH.csv, got {trace!r}")
+    base = parse_workload(trace, trace_dir)
+    return Workload(spec=spec, kind="multi-round", path=base.path, rounds=rounds)
+
+
+def _check_sampling_args(num: int, what: str, vocab_size: int, max_model_len: int | None) -> None:
+    if num <= 0:
+        raise ValueError(f"{what} must be positive, got {num}")
+    if vocab_size < 2 * TOKEN_ID_MARGIN + 1:
+        raise ValueError(f"vocab_size must be at least {2 * TOKEN_ID_MARGIN + 1}, got {vocab_size}")
+    if max_model_len is not None and max_model_len <= 0:
+        raise ValueError(f"max_model_len must be positive, got {max_model_len}")
+
+
+def _random_ids(rng: np.random.Generator, n: int, vocab_size: int) -> list[int]:
+    return rng.integers(TOKEN_ID_MARGIN, vocab_size - TOKEN_ID_MARGIN, size=n, dtype=np.int64).tolist()
+
+
+def _sample_shared_prefix(workload: Workload, num_requests: int, seed: int, vocab_size: int,
+                          max_model_len: int | None) -> list[BenchRequest]:
+    _check_sampling_args(num_requests, "num_requests", vocab_size, max_model_len)
+    total = workload.prefix_len + workload.input_len + workload.output_len
+    if max_model_len is not None and total > max_model_len:
+        raise ValueError(f"workload {workload.spec!r}: SYS + UNIQUE + OUT = {total} exceeds max_model_len "
+                         f"{max_model_len}")
+    rng = np.random.default_rng(seed)
+    systems = [_random_ids(rng, workload.prefix_len, vocab_size) for _ in range(workload.num_groups)]
+    return [BenchRequest(prompt_token_ids=systems[i % len(systems)] + _random_ids(rng, workload.input_len, vocab_size),
+                         output_len=workload.output_len) for i in range(num_requests)]
+
+
+def sample_conversations(workload: Workload, num_conversations: int, seed: int, vocab_size: int,
+                         max_model_len: int | None) -> list[Conversation]:
+    """`num_conversations` conversations of a multi-round workload, reproducible for a given seed.
+
+    Each turn takes one trace row (sampled with replacement from the filtered rows): its ContextTokens
+    as the turn's new user tokens, its GeneratedTokens as the answer length. A conversation ends early
+    at the turn whose prompt + answer would exceed max_model_len (its first turn always fits)."""
+    if workload.kind != "multi-round":
+        raise ValueError(f"workload {workload.spec!r} is not multi-round: use sample_requests")
+    _check_sampling_args(num_conversations, "num_conversations", vocab_size, max_model_len)
+    rows = load_trace(workload.path)
+    kept = filter_rows(rows, max_model_len)
+    if not kept:
+        raise ValueError(f"workload {workload.spec!r}: no row of {workload.path} passes the filter")
+    rng = np.random.default_rng(seed)
+    conversations = []
+    for _ in range(num_conversations):
+        picks = rng.choice(len(kept), size=workload.rounds, replace=True).tolist()
+        turns, context = [], 0
+        for j in picks:
+            n_in, n_out = rows.input_lens[kept[j]], rows.output_lens[kept[j]]
+            if turns and max_model_len is not None and context + n_in + n_out > max_model_len:
+                break
+            turns.append(ConversationTurn(_random_ids(rng, n_in, vocab_size), n_out,
+                                          _random_ids(rng, n_out, vocab_size)))
+            context += n_in + n_out
+        conversations.append(Conversation(turns))
+    return conversations

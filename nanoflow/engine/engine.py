@@ -15,6 +15,7 @@ from nanoflow.config import EngineConfig
 from nanoflow.engine.detokenizer import IncrementalDetokenizer, check_stop_token
 from nanoflow.engine import prompt_logprobs as prompt_lp
 from nanoflow.engine.kv_cache import KVCacheManager
+from nanoflow.engine.kv_host_tier import HostKVTier
 from nanoflow.engine.request import PENDING_TOKEN, Request, RequestStatus
 from nanoflow.engine.runner import ModelRunner, choose_num_blocks
 from nanoflow.engine.sampler import Sampler, SamplingBatch, make_generator
@@ -54,6 +55,28 @@ class EngineStats:
     num_steps: int
     plan_steps: int = 0
     """Steps run under the (non-sequential) plan; the others ran sequentially (Plan.min_attn_share)."""
+    prefix_cache_queries: int = 0
+    """Tokens looked up in the prefix cache at admission (a counter, as vLLM's)."""
+    prefix_cache_hits: int = 0
+    """Of those, tokens found cached (device or host tier)."""
+    prefix_cache_host_hits: int = 0
+    """Of the hits, tokens copied back from the host tier."""
+    kv_blocks_cached: int = 0
+    """Device blocks holding a reusable prefix (free or in use)."""
+    kv_host_blocks_used: int = 0
+    """Host-tier slots holding a block."""
+    kv_host_blocks_total: int = 0
+    """Host-tier slots (0: no host tier)."""
+    kv_host_blocks_saved: int = 0
+    """Blocks copied to the host tier so far."""
+    kv_host_blocks_loaded: int = 0
+    """Blocks copied back from the host tier so far."""
+    tokens_computed: int = 0
+    """Tokens fed through the model so far (prefill and decode)."""
+    prefill_tokens_computed: int = 0
+    """Of those, tokens at prompt positions (what prefix caching saves)."""
+    num_preemptions: int = 0
+    """Requests preempted so far."""
 
 
 @dataclass
@@ -117,12 +140,17 @@ class LLMEngine:
         num_blocks = self.config.num_kv_blocks or choose_num_blocks(
             self.model, self.config.block_size, self.device, self.config.gpu_memory_utilization,
             self.config.cpu_kv_cache_gb, self.config.max_num_seqs, kv_dtype)
-        self.kv = KVCacheManager(num_blocks, self.config.block_size)
+        self.kv = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(token_budget, self.config.max_num_seqs, self.config.kv_admission_ratio), self.kv)
         # The torch reference kernels sync with the host (not capturable): graphs need the Triton path.
         graphs = not self.config.enforce_eager and self.model.kernels is not reference_kernels
         self.runner = ModelRunner(self.model, self.kv, token_budget, cuda_graphs=graphs, kv_dtype=kv_dtype)
+        if self.config.kv_host_gb > 0:
+            slots = HostKVTier.slots_for_bytes(self.runner.kv_all, self.config.kv_host_gb * (1 << 30))
+            if slots == 0:
+                raise ValueError(f"kv_host_gb {self.config.kv_host_gb} holds no KV block")
+            self.kv.attach_host_tier(HostKVTier(self.runner.kv_all, slots))
         self._executors: dict[str, object] = {}
         self.set_plan(self.config.plan)
         self.sampler = Sampler(self.eos_token_ids, seed=self.config.seed)
@@ -445,9 +473,20 @@ class LLMEngine:
     # ---- introspection --------------------------------------------------------------------------
     def stats(self) -> EngineStats:
         last = self.step_times[-1][1] - self.step_times[-1][0] if self.step_times else 0.0
+        pc, sc = self.kv.stats, self.scheduler.stats
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting),
                            self.kv.pool.num_used, self.kv.pool.num_blocks, last, len(self.step_times),
-                           self.runner.plan_steps)
+                           self.runner.plan_steps, prefix_cache_queries=pc.queries, prefix_cache_hits=pc.hits,
+                           prefix_cache_host_hits=pc.host_hits, kv_blocks_cached=self.kv.pool.num_cached,
+                           kv_host_blocks_used=self.kv.num_host_slots_used,
+                           kv_host_blocks_total=self.kv.host.num_slots if self.kv.host else 0,
+                           kv_host_blocks_saved=pc.blocks_saved, kv_host_blocks_loaded=pc.blocks_loaded,
+                           tokens_computed=sc.tokens_computed, prefill_tokens_computed=sc.prefill_tokens_computed,
+                           num_preemptions=sc.num_preemptions)
+
+    def reset_prefix_cache(self) -> None:
+        """Forgets every cached prefix no request is using (device and host tier)."""
+        self.kv.reset_prefix_cache()
 
     def check_kv_invariant(self) -> None:
         self.scheduler.check_invariants()

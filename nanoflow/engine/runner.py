@@ -52,9 +52,10 @@ class ModelRunner:
         cfg = model.config
         shape = (kv.pool.num_blocks, kv.block_size, cfg.num_key_value_heads, cfg.head_dim)
         kv_dtype = kv_dtype or model.dtype
-        self.kv_caches = [(torch.zeros(shape, dtype=kv_dtype, device=self.device),
-                           torch.zeros(shape, dtype=kv_dtype, device=self.device))
-                          for _ in range(cfg.num_hidden_layers)]
+        # One tensor for all layers, so the host tier moves a block of every layer with one gather;
+        # each layer's K and V are contiguous views of it, as separate tensors would be.
+        self.kv_all = torch.zeros((cfg.num_hidden_layers, 2, *shape), dtype=kv_dtype, device=self.device)
+        self.kv_caches = [(self.kv_all[i, 0], self.kv_all[i, 1]) for i in range(cfg.num_hidden_layers)]
         self.workspace = model.new_workspace(token_budget)
         self.executor = executor or make_executor(None, self.model.layers[0].ops, self.device)
         self.sequential = make_executor(None, self.model.layers[0].ops, self.device)

@@ -1,7 +1,11 @@
 """NanoFlow's dense batch: every step has a token budget; running decodes go first, prefill chunks fill
 the rest. Prefill and decode are treated alike (a request simply has tokens not yet computed), so a
 long prompt spans several steps. Admission is by projected KV use; when blocks run out, the newest
-running request is preempted and recomputed later."""
+running request is preempted and recomputed later.
+
+With prefix caching, an admitted request starts from its longest cached prefix (its chunked prefill
+continues from there), and a waiting request whose next block a running request is computing right
+now waits a step for it rather than computing it twice (BatchLLM-style sharing inside one batch)."""
 from __future__ import annotations
 
 from collections import deque
@@ -19,6 +23,20 @@ class SchedulerConfig:
     """Most running requests."""
     kv_admission_ratio: float = 1.0
     """Admit while projected KV blocks of running requests stay under this fraction of the pool."""
+    max_deferred: int = 64
+    """Most waiting requests passed over in one step because their next block is being computed
+    (prefix caching); admission stops there until the next step."""
+
+
+@dataclass
+class SchedulerStats:
+    """Counters since the engine started."""
+    tokens_computed: int = 0
+    """Tokens scheduled (prefill and decode; recomputation after preemption included)."""
+    prefill_tokens_computed: int = 0
+    """Of those, tokens at prompt positions: the prefill work prefix caching saves."""
+    num_preemptions: int = 0
+    """Requests preempted."""
 
 
 @dataclass
@@ -41,7 +59,10 @@ class Scheduler:
         self.kv = kv
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order: oldest first
-        self._projected_blocks = 0  # sum of blocks_for_tokens(max_total_tokens) over running
+        self._projections: dict[str, int] = {}  # request id -> blocks it may still allocate, running only
+        self._projected_blocks = 0  # their sum
+        self._to_commit: dict[Request, None] = {}  # running requests with computed, uncommitted blocks
+        self.stats = SchedulerStats()
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
@@ -54,28 +75,38 @@ class Scheduler:
         """Retire a request (stopped, length or aborted) and free its blocks at once."""
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
-            self._projected_blocks -= self._projection(request)
+            self._projected_blocks -= self._projections.pop(request.request_id)
         elif request.status == RequestStatus.WAITING and request in self.waiting:
             self.waiting.remove(request)
-        self.kv.free(request.request_id)
+        self.kv.release(request)
         request.status = status
+        if not self.has_unfinished():
+            self.kv.flush()  # idle next: start the last host copies now
 
-    def _projection(self, request: Request) -> int:
-        return self.kv.blocks_for_tokens(request.max_total_tokens)
+    def _projection(self, request: Request, num_shared_blocks: int = 0) -> int:
+        """Blocks the request may allocate by its end: all it needs minus the cached ones it shares
+        (cached blocks are counted once, by the request that computed them)."""
+        return self.kv.blocks_for_tokens(request.max_total_tokens) - num_shared_blocks
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
-        self._projected_blocks -= self._projection(request)
-        self.kv.free(request.request_id)
+        self._projected_blocks -= self._projections.pop(request.request_id)
+        self.kv.release(request, wait_for_tokens=False)  # what it computed stays cached: its recompute may hit
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
         request.num_preemptions += 1
+        self.stats.num_preemptions += 1
         self.waiting.appendleft(request)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.token_budget
         planned: dict[Request, int] = {}
+        self.kv.poll()
+        if self._to_commit:  # blocks completed by earlier steps become reusable
+            commit = self.kv.commit
+            self._to_commit = {r: None for r in self._to_commit
+                               if r.status == RequestStatus.RUNNING and not commit(r)}
         # Running requests: single-token ones (decodes) first, then unfinished prefills; oldest first.
         order = sorted(self.running, key=lambda r: (r.num_tokens - r.num_computed_tokens != 1, r.arrival))
         for req in order:
@@ -96,34 +127,65 @@ class Scheduler:
             if req.status == RequestStatus.RUNNING:
                 planned[req] = n
                 budget -= n
-        # Waiting requests, FIFO, while seats, budget and projected KV allow.
-        limit = self.config.kv_admission_ratio * self.kv.pool.num_blocks
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            if req.num_pending_tokens:  # preempted with a token still on the device: next step
-                break
-            projection = self._projection(req)
-            if self.running and self._projected_blocks + projection > limit:
-                break
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if self.kv.allocate(req.request_id, req.num_computed_tokens + n) is None:
-                break
-            self.waiting.popleft()
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            self._projected_blocks += projection
-            planned[req] = n
-            budget -= n
+        self._admit(planned, budget)
+        self.kv.flush()  # host copies of blocks released in this step
+        caching, bs = self.kv.enable_prefix_caching, self.kv.block_size
+        tokens = prefill = 0
+        for req, n in planned.items():
+            tokens += n
+            start = req.num_computed_tokens
+            prompt = len(req.prompt_token_ids)
+            if start < prompt:
+                prefill += min(start + n, prompt) - start
+            if caching and (start + n) // bs > start // bs:  # completes a block: commit it next step
+                self._to_commit[req] = None
+        self.stats.tokens_computed += tokens
+        self.stats.prefill_tokens_computed += prefill
         decodes = [(r, n) for r, n in planned.items() if n == 1]
         chunks = [(r, n) for r, n in planned.items() if n > 1]
         out.scheduled = decodes + chunks
         out.num_decode = len(decodes)
         return out
 
+    def _admit(self, planned: dict[Request, int], budget: int) -> None:
+        """Waiting requests, FIFO, while seats, budget and projected KV allow (passing over those
+        that wait for a block being computed)."""
+        limit = self.config.kv_admission_ratio * self.kv.pool.num_blocks
+        i = deferred = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[i]
+            if req.num_pending_tokens:  # preempted with a token still on the device: next step
+                break
+            hit = self.kv.lookup(req)
+            if hit.wait:
+                deferred += 1
+                if deferred > self.config.max_deferred:
+                    break
+                i += 1
+                continue
+            shared = sum(1 for node in hit.nodes if node.block is not None)
+            projection = self._projection(req, shared)
+            if self.running and self._projected_blocks + projection > limit:
+                break
+            cached = hit.num_tokens(self.kv.block_size)
+            n = min(req.num_tokens - cached, budget)
+            if not self.kv.admit(req, hit, cached + n):
+                break
+            del self.waiting[i]
+            req.num_computed_tokens = cached
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            self._projections[req.request_id] = projection
+            self._projected_blocks += projection
+            planned[req] = n
+            budget -= n
+
     def check_invariants(self) -> None:
         """Used by tests: KV accounting and the projection bookkeeping agree."""
         self.kv.check_invariant()
-        expected = sum(self._projection(r) for r in self.running)
+        if set(self._projections) != {r.request_id for r in self.running}:
+            raise AssertionError("projections are not those of the running requests")
+        expected = sum(self._projections.values())
         if expected != self._projected_blocks:
             raise AssertionError(f"projected blocks {self._projected_blocks} != {expected}")
         for r in self.waiting:

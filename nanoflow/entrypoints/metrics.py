@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -83,8 +83,18 @@ class _EngineStatsCollector(Collector):
         g.add_metric(list(self._labels.values()), value)
         return g
 
+    def _counter(self, name: str, doc: str, value: float) -> CounterMetricFamily:
+        c = CounterMetricFamily(PREFIX + name, doc, labels=list(self._labels))  # exposed as NAME_total
+        c.add_metric(list(self._labels.values()), value)
+        return c
+
+    # (name, doc, EngineStats field): counters kept by the engine, read at scrape time.
+    _COUNTERS = (("prefix_cache_queries", "Prefix cache queries, in tokens.", "prefix_cache_queries"),
+                 ("prefix_cache_hits", "Prefix cache hits, in tokens.", "prefix_cache_hits"))
+
     def describe(self) -> Iterable[GaugeMetricFamily]:
-        return [self._gauge(n, d, 0.0) for n, d in self._docs()]
+        return [self._gauge(n, d, 0.0) for n, d in self._docs()] + [
+            self._counter(n, d, 0.0) for n, d, _ in self._COUNTERS]
 
     @staticmethod
     def _docs() -> list[tuple[str, str]]:
@@ -96,7 +106,8 @@ class _EngineStatsCollector(Collector):
         s = self._stats()
         usage = s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0
         values = [float(s.num_running), float(s.num_waiting), usage]
-        return [self._gauge(n, d, v) for (n, d), v in zip(self._docs(), values)]
+        return [self._gauge(n, d, v) for (n, d), v in zip(self._docs(), values)] + [
+            self._counter(n, d, float(getattr(s, f, 0))) for n, d, f in self._COUNTERS]
 
 
 class ServerMetrics:
