@@ -54,6 +54,14 @@ class EngineConfig:
     """Pipeline plan: 'sequential', 'auto' (cached plan from `nanoflow tune`), or a plan JSON file."""
     max_waiting_requests: int = 100_000
     """Bound of the waiting queue; add_request raises QueueFullError past it."""
+    tensor_parallel_size: int = 1
+    """Ranks (GPUs, one process each) the model is split over: NCCL on CUDA, gloo on CPU. Ranks 1..N-1
+    are launched from this process, or joined from torchrun's environment (WORLD_SIZE, RANK, ...)."""
+    tp_collective_max_ctas: int | None = None
+    """NCCL: most CTAs (about SMs) a collective may use (ProcessGroupNCCL config.max_ctas), leaving the
+    rest to GEMMs it overlaps; None = NCCL's own choice. No effect on gloo (CPU)."""
+    tp_timeout_s: float = 600.0
+    """Seconds a rank waits for the others in a collective (or at start-up) before failing."""
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "safetensors", "dummy"):
@@ -76,6 +84,15 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_admission_ratio <= 0:
             raise ValueError(f"kv_admission_ratio must be positive, got {self.kv_admission_ratio}")
+        if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int) \
+                or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
+        ctas = self.tp_collective_max_ctas
+        if ctas is not None and (isinstance(ctas, bool) or not isinstance(ctas, int) or ctas < 1):
+            raise ValueError(f"tp_collective_max_ctas must be None or a positive integer, got {ctas!r}")
+        timeout = self.tp_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"tp_timeout_s must be a positive number of seconds, got {timeout!r}")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

@@ -268,4 +268,6 @@ def test_tune_cli_end_to_end_on_cpu(tmp_path, monkeypatch, capsys):
     assert engine.plan_name == stored.name
     assert main(args + ["--no-store"]) == 0
     assert "reusing profile" in capsys.readouterr().out
-    assert main(["tune", "--model", "default", "--tp", "2"]) == 2
+    # 8 heads do not split over 3 ranks: a clear error before any worker starts
+    assert main(["tune", "--model", "default", "--device", "cpu", "--tensor-parallel-size", "3"]) == 2
+    assert "cannot be split over 3" in capsys.readouterr().err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,14 @@ from nanoflow.sampling_params import SamplingParams
 
 
 _MAX_STEP_RECORDS = 1_000_000
+
+
+def _start_tensor_parallel(config: EngineConfig, source):
+    """The TPContext of rank 0 (workers launched or joined) when tensor_parallel_size > 1, else None."""
+    if config.tensor_parallel_size == 1:
+        return None
+    from nanoflow.distributed.launch import start
+    return start(config, source.model_config)
 
 
 class QueueFullError(RuntimeError):
@@ -90,10 +99,13 @@ class LLMEngine:
         offline batches; stop strings are still checked token by token)."""
         self.config = config or EngineConfig()
         self.stream_text = stream_text
-        self.device = self.config.resolved_device()
         source = resolve_model_source(self.config)
+        self.tp = _start_tensor_parallel(self.config, source)  # None on one rank; torchrun's ranks > 0 stay inside
+        if self.tp is not None:
+            weakref.finalize(self, self.tp.shutdown)
+        self.device = self.config.resolved_device() if self.tp is None else self.tp.device
         dtype = self.config.resolved_dtype(self.device, source.model_config.torch_dtype)
-        self.model, self.source = load_model(self.config, self.device, dtype, source)
+        self.model, self.source = load_model(self.config, self.device, dtype, source, tp=self.tp)
         self.model_config = self.source.model_config
         self.model.kernels = select_kernels(self.config.use_triton, self.device)
         self.tokenizer = load_tokenizer(self.source)
@@ -104,12 +116,18 @@ class LLMEngine:
         num_blocks = self.config.num_kv_blocks or choose_num_blocks(
             self.model, self.config.block_size, self.device, self.config.gpu_memory_utilization,
             self.config.cpu_kv_cache_gb, self.config.max_num_seqs, kv_dtype)
+        if self.tp is not None:  # every rank allocates the same blocks: what fits on all of them
+            num_blocks = self.tp.agree_min(num_blocks)
         self.kv = KVCacheManager(num_blocks, self.config.block_size)
         self.scheduler = Scheduler(
             SchedulerConfig(token_budget, self.config.max_num_seqs, self.config.kv_admission_ratio), self.kv)
         # The torch reference kernels sync with the host (not capturable): graphs need the Triton path.
         graphs = not self.config.enforce_eager and self.model.kernels is not reference_kernels
-        self.runner = ModelRunner(self.model, self.kv, token_budget, cuda_graphs=graphs, kv_dtype=kv_dtype)
+        if self.tp is None:
+            self.runner = ModelRunner(self.model, self.kv, token_budget, cuda_graphs=graphs, kv_dtype=kv_dtype)
+        else:  # rank 0 of a tensor-parallel group: each step also runs on the worker ranks
+            from nanoflow.distributed.runner import TPModelRunner
+            self.runner = TPModelRunner(self.model, self.kv, token_budget, self.tp, kv_dtype=kv_dtype)
         self._executors: dict[str, object] = {}
         self.set_plan(self.config.plan)
         self.sampler = Sampler(self.eos_token_ids, seed=self.config.seed)
@@ -119,6 +137,12 @@ class LLMEngine:
         self._gpu_timeline: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
         self.step_times: list[tuple[float, float, int]] = []
         """(start_s, end_s, num_tokens) of every step, for benchmarks."""
+
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel worker ranks and leaves their process group (nothing on one rank;
+        also done at garbage collection and interpreter exit). The engine cannot step afterwards."""
+        if self.tp is not None:
+            self.tp.shutdown()
 
     def _eos_ids(self) -> list[int]:
         ids = list(self.model_config.eos_token_ids)
