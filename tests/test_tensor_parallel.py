@@ -89,6 +89,13 @@ def _check_search(engine) -> None:
     with dense_batch(engine, wl) as batch:
         ms = time_plans(engine, batch, [SEQUENTIAL, plan], reps=1, rounds=1, warmup=1, progress=False)
     assert all(0 < t < float("inf") for t in ms)
+    # The TP plan cuts the all-reduces at run time (both ranks run the recorded step).
+    from nanoflow.pipeline.plan import load_plan
+    from nanoflow.pipeline.show import record_timeline
+    entries = record_timeline(engine, wl, warmup=0, plan=load_plan("tp-nano-4"))
+    for name in ("o_allreduce", "mlp_allreduce"):
+        rows = sorted((e["lo"], e["hi"]) for e in entries if e["op"] == name and e["layer"] == 1)
+        assert rows == [(0, 8), (8, 40)] and {e["stream"] for e in entries if e["op"] == name} == {"network"}
     assert engine.kv.pool.num_used == 0
 
 

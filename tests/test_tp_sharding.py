@@ -118,7 +118,7 @@ def test_sharded_loading_reads_only_its_slices(name, tmp_path):
     for rank in range(world):
         reads: dict[str, list[int]] = {}
         sharder = WeightSharder(ShardLayout(cfg, rank, world))
-        shards = dict(iter_sharded_safetensors(ckpt, sharder, open_file=lambda p: _SpyFile(p, reads)))
+        shards = dict(iter_sharded_safetensors(ckpt, sharder, open_file=lambda p, reads=reads: _SpyFile(p, reads)))
         for n, t in shards.items():
             rule = split_rule(n)
             expect = full[n].numel() if rule is None else t.numel()

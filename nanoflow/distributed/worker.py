@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
 from nanoflow.config import EngineConfig
@@ -52,6 +53,8 @@ def serve(config: EngineConfig, ctx: TPContext) -> int:
 
 def main() -> int:
     from nanoflow.distributed import launch
+    # Ctrl-C in a terminal reaches the whole process group: rank 0 handles it and stops us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if os.environ.get(launch.WATCH_ENV):
         launch.watch_parent_stdin()
     config = EngineConfig(**json.loads(os.environ[launch.CONFIG_ENV]))
