@@ -64,6 +64,14 @@ class EngineConfig:
     max_seqs_per_request: int = 256
     """Most sequences one request may make: n in add_request (ValueError above it); the server also
     bounds prompts x n of one HTTP request by it. Bounds what a single request can make the engine allocate."""
+    tensor_parallel_size: int = 1
+    """Ranks (GPUs, one process each) the model is split over: NCCL on CUDA, gloo on CPU. Ranks 1..N-1
+    are launched from this process, or joined from torchrun's environment (WORLD_SIZE, RANK, ...)."""
+    tp_collective_max_ctas: int | None = None
+    """NCCL: most CTAs (about SMs) a collective may use (ProcessGroupNCCL config.max_ctas), leaving the
+    rest to GEMMs it overlaps; None = NCCL's own choice. No effect on gloo (CPU)."""
+    tp_timeout_s: float = 600.0
+    """Seconds a rank waits for the others in a collective (or at start-up) before failing."""
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "safetensors", "dummy"):
@@ -93,6 +101,15 @@ class EngineConfig:
             raise ValueError("kv_host_gb needs prefix caching (drop --no-enable-prefix-caching)")
         if self.kv_admission_ratio <= 0:
             raise ValueError(f"kv_admission_ratio must be positive, got {self.kv_admission_ratio}")
+        if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int) \
+                or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
+        ctas = self.tp_collective_max_ctas
+        if ctas is not None and (isinstance(ctas, bool) or not isinstance(ctas, int) or ctas < 1):
+            raise ValueError(f"tp_collective_max_ctas must be None or a positive integer, got {ctas!r}")
+        timeout = self.tp_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"tp_timeout_s must be a positive number of seconds, got {timeout!r}")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

@@ -64,8 +64,11 @@ class PlanKey:
         return PlanKey(self.model_hash, self.device, self.tp, self.dtype, self.dense_batch, workload_class)
 
 
-def engine_key(engine, workload_class: str = MIXED, tp: int = 1) -> PlanKey:
+def engine_key(engine, workload_class: str = MIXED, tp: int | None = None) -> PlanKey:
+    """The key of `engine` (tp: its tensor_parallel_size unless given)."""
     import torch
+    if tp is None:
+        tp = getattr(getattr(engine, "config", None), "tensor_parallel_size", 1)
     device = engine.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     dtype = str(engine.model.dtype).replace("torch.", "")
@@ -136,7 +139,8 @@ def _workload_class_of(engine, spec: str | None) -> str | None:
 
 
 def lookup_plan(engine, workload: str | None = None, directory: str | Path | None = None) -> Plan | None:
-    """The cached plan for this engine's model shape, device, dtype and token budget (tp 1), or None."""
+    """The cached plan for this engine's model shape, device, tensor-parallel size, dtype and token
+    budget, or None."""
     try:
         key = engine_key(engine)
         entries = entries_for(key, directory)

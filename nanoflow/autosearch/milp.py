@@ -2,7 +2,8 @@
 
 Model. A *structure* gives each op of the layer a number of nano-ops: ops before the memory-stream op
 (decode attention) get `pre`, the memory-stream op `side`, compute ops after it `post`, and prefill
-attention 1 (it is cut at request bounds). All ops share one list of boundaries (N - 1 cut points,
+attention 1 (it is cut at request bounds). Tensor-parallel all-reduces (network ops) are cut like
+the ops around them and run on a `network` stream, so they overlap other nano-batches' GEMMs. All ops share one list of boundaries (N - 1 cut points,
 N = the largest count; an op with n nano-ops uses every N/n-th), so which nano-ops touch the same rows
 is known from the structure alone. Consecutive ops with the same stream and count form a *segment*;
 segment k-th nano-ops are the MILP's *units* (issued back to back).
@@ -82,6 +83,8 @@ class Mode:
     phi: float = 0.0
 
     def budget(self, table: ProfileTable, meta: dict) -> int | None:
+        if meta["resource"] == "network":
+            return None  # collectives: the group's NCCL CTA limit, not an SM budget per op
         if is_side_op(meta):
             return None if self.kind == "stage1" else self.side_budget
         if self.kind == "shared" and meta["resource"] == "compute" and self.side_budget is not None:
@@ -109,12 +112,14 @@ def side_stream(meta: dict) -> str:
 def segments_for(table: ProfileTable, structure: tuple[int, int, int]) -> list[Segment] | None:
     pre, side, post = structure
     metas = table.ops
-    first_side = next((i for i, m in enumerate(metas) if is_side_op(m)), None)
+    first_side = next((i for i, m in enumerate(metas) if is_side_op(m) and m["resource"] != "network"), None)
     if first_side is None:
         return None
     assigned = []
     for i, m in enumerate(metas):
-        if is_side_op(m):
+        if m["resource"] == "network":  # a collective is cut like the GEMM before it, on its own stream
+            assigned.append((side_stream(m), pre if i < first_side else post, m["scope"]))
+        elif is_side_op(m):
             assigned.append((side_stream(m), side, m["scope"]))
         elif m["scope"] == "prefill":
             assigned.append((COMPUTE, 1, "prefill"))
@@ -256,7 +261,13 @@ def _edges(units: list[Unit], config, T, D, N) -> tuple[set, set]:
 # ---- durations -----------------------------------------------------------------------------------
 def op_duration(table: ProfileTable, meta: dict, rows: int, mode: Mode) -> float:
     t = table.op_time(meta["name"], rows, mode.budget(table, meta))
-    return t * mode.iota if is_side_op(meta) and mode.kind != "stage1" else t
+    return t * mode.iota if _slowed(meta) and mode.kind != "stage1" else t
+
+
+def _slowed(meta: dict) -> bool:
+    """Ops that take iota x their alone time next to compute: the memory-stream ops (whose
+    interference was measured); collectives keep their alone time."""
+    return is_side_op(meta) and meta["resource"] == "memory"
 
 
 def unit_duration(table: ProfileTable, unit: Unit, rows: tuple[int, int], mode: Mode) -> float:
@@ -570,7 +581,7 @@ def simulate_plan(plan: Plan, table: ProfileTable, mode: Mode | None = None, num
     dur = {}
     for n in nodes:
         t = table.op_time(n.op.name, n.hi - n.lo, n.sm_budget)
-        if is_side_op(metas[n.op.name]) and mode.kind != "stage1":
+        if _slowed(metas[n.op.name]) and mode.kind != "stage1":
             t *= mode.iota
         dur[n] = t
     queues: dict[int, list] = {}

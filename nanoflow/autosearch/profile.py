@@ -514,7 +514,8 @@ def profile_engine(engine, wl: WorkloadClass, *, quick: bool = False, memory_bud
         chunks = [starts[i + 1] - starts[i] for i in range(D, batch.num_reqs)]
         table = ProfileTable(
             device=device_name(device), num_sms=num_sms, torch_version=torch_v, triton_version=triton_v,
-            model=asdict(engine.model_config), dtype=str(engine.model.dtype).replace("torch.", ""), tp=1,
+            model=asdict(engine.model_config), dtype=str(engine.model.dtype).replace("torch.", ""),
+            tp=engine.config.tensor_parallel_size,
             dense_batch=engine.scheduler.config.token_budget, workload=wl.to_dict(), num_tokens=T,
             num_decode=D, prefill_chunks=chunks, ops=metas, memory_budgets=list(memory_budgets),
             compute_budgets=list(compute_budgets), timing="cuda-events" if cuda else "host-clock",
@@ -529,10 +530,9 @@ def profile_engine(engine, wl: WorkloadClass, *, quick: bool = False, memory_bud
             return run
 
         with torch.inference_mode():
-            engine.model.embed(state)
-            for op in layer_ops:  # fill every workspace buffer once
-                op.fn(state, 0, T)
+            engine.runner.forward(batch)  # fills every workspace buffer (on every rank under TP)
             tasks = _alone_tasks(layer_ops, metas, T, D, tok_sizes, dec_sizes, memory_budgets, compute_budgets)
+            _share_network_calls(engine, layer_ops, tasks, timer)
             log(f"[tune] profiling {len(tasks)} op timings on {table.device} "
                 f"({T} tokens: {D} decode + {T - D} prefill; {reps} reps each)")
             skipped = 0
@@ -586,7 +586,9 @@ def _alone_tasks(layer_ops, metas, T, D, tok_sizes, dec_sizes, memory_budgets, c
         else:
             ranges = [(0, n) for n in tok_sizes]
         essential += [(True, op, None, lo, hi) for lo, hi in ranges]
-        if is_side_op(m):
+        if m["resource"] == "network":
+            budgets = []  # collectives: NCCL's CTA limit is the group's (EngineConfig), not per op
+        elif is_side_op(m):
             budgets = order
         elif m["resource"] == "compute":
             complement = dict(zip(memory_budgets, compute_budgets))
@@ -599,13 +601,26 @@ def _alone_tasks(layer_ops, metas, T, D, tok_sizes, dec_sizes, memory_budgets, c
     return essential + [t[1:] for t in extra]
 
 
+def _share_network_calls(engine, layer_ops, tasks, timer: _Timer) -> None:
+    """Collectives need every rank: the worker ranks are told the network-op calls the timing loop
+    will make (all essential, so none is skipped), and make them too, in the same order."""
+    index = {op.name: i for i, op in enumerate(layer_ops)}
+    calls = [(index[op.name], lo, hi, timer.warmup + timer.reps) for _, op, _, lo, hi in tasks
+             if op.resource.value == "network"]
+    if calls:
+        engine.runner.share_calls(calls)
+
+
 def _drop_incomplete_budgets(table: ProfileTable, layer_ops, tok_sizes, dec_sizes, notes) -> None:
-    """A memory budget is usable only if the side ops and every compute op have all sizes for it."""
+    """A memory budget is usable only if the side ops and every compute op have all sizes for it
+    (network ops are profiled on the whole device only)."""
     keep_m, keep_c = [], []
     for b, c in zip(table.memory_budgets, table.compute_budgets):
         ok = True
         for o in table.ops:
             want = None
+            if o["resource"] == "network":
+                continue
             if is_side_op(o):
                 want = b
             elif o["resource"] == "compute":

@@ -5,6 +5,7 @@ the timing noise; on CPU only with --store).
 
     nanoflow tune --model llama-3-8b --quick           # ~2-3 minutes on an H200
     nanoflow tune --model llama-3-8b --workload splitwise --output plan.json --gantt plan.png
+    nanoflow tune --model llama-3-70b --load-format dummy --tensor-parallel-size 4   # collectives profiled too
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from pathlib import Path
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from nanoflow.entrypoints.cli import add_engine_args
     t = parser.add_argument_group("tune")
-    t.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (only 1 is supported now)")
     t.add_argument("--workload", default="constant:512:1024",
                    help="workload whose steady-state dense batch to tune for: constant:IN:OUT, splitwise, lmsys, "
                         "sharegpt, a PATH.csv, or 'mixed' (half decode; what serving looks up by default)")
@@ -55,10 +55,6 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    if args.tp != 1:
-        print(f"error: --tp {args.tp}: tuning supports only --tp 1 for now (tensor-parallel plans need "
-              f"collectives on a network stream, not written yet)", file=sys.stderr)
-        return 2
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     return _tune(args)
@@ -136,7 +132,7 @@ def _tune(args: argparse.Namespace) -> int:
     phases["engine"] = time.perf_counter() - t
     wl = workload_class_for_engine(engine, args.workload, decode_fraction=args.decode_fraction,
                                    context=args.context, trace_dir=args.trace_dir)
-    key = cache.engine_key(engine, wl.name, tp=args.tp)
+    key = cache.engine_key(engine, wl.name)
     print(f"[tune] {key.device}, {key.dtype}, token budget {key.dense_batch}; workload {args.workload} -> {wl.describe()}",
           flush=True)
 
@@ -276,13 +272,18 @@ def _green_variants(engine, chosen: list) -> list:
 
 
 def _hand_plans(engine) -> list[str]:
+    from nanoflow.pipeline.ops import COLLECTIVE_OPS
     from nanoflow.pipeline.plan import load_plan
     from nanoflow.pipeline.plan_fold import fold_plan
     names = []
     folder = Path(__file__).resolve().parent.parent / "pipeline" / "plans"
+    layer = {op.name for op in engine.model.layers[0].ops}
     for p in sorted(folder.glob("*.json")):
         try:
-            plan = fold_plan(load_plan(p.stem), engine.model.layers[0].ops)  # MoE layers: one op for the MLP
+            plan = load_plan(p.stem)
+            if set(COLLECTIVE_OPS) & set(plan.ops) - layer:  # a tensor-parallel plan on one rank
+                continue
+            plan = fold_plan(plan, engine.model.layers[0].ops)  # MoE layers: one op for the MLP
             plan.validate([op.name for op in engine.model.layers[0].ops])
             names.append(p.stem)
         except ValueError:

@@ -105,6 +105,9 @@ class ThroughputOptions:
             raise ValueError(f"warmup_requests must be a non-negative integer, got {self.warmup_requests!r}")
         if self.baseline not in (None, "hf"):
             raise ValueError(f"baseline must be 'hf' or None, got {self.baseline!r}")
+        if self.baseline == "hf" and self.engine_args.get("tensor_parallel_size", 1) != 1:
+            raise ValueError("the transformers baseline runs on one GPU: drop --baseline hf with "
+                             "--tensor-parallel-size")
         if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
             raise ValueError(f"temperature must be a non-negative number, got {self.temperature!r}")
         if sum([self.compare is not None, bool(self.compare_prefix_caching), bool(self.compare_host_tier)]) > 1:
@@ -156,10 +159,11 @@ class TimedRun:
     variant: str | None = None
     """What a KV comparison changed in this run ('prefix caching on', 'host tier off', ...)."""
 
-    def metrics(self, num_params: int) -> dict:
-        """The figures BENCHMARKING.md asks for, as a flat dict."""
+    def metrics(self, num_params: int, num_gpus: int = 1) -> dict:
+        """The figures BENCHMARKING.md asks for, as a flat dict. Tensor parallel over num_gpus GPUs:
+        optimal = num_gpus x the one-GPU GEMM peak / (2 x params)."""
         total = (self.input_tokens + self.output_tokens) / self.wall_s
-        optimal = self.gemm.tflops * 1e12 / (2 * num_params)
+        optimal = num_gpus * self.gemm.tflops * 1e12 / (2 * num_params)
         steady = self.steps.steady_tokens_per_s if self.steps is not None else None
         return {
             "plan": self.plan,
@@ -174,6 +178,7 @@ class TimedRun:
             "requests_per_s": self.requests / self.wall_s,
             "steady_state_total_tokens_per_s": steady,
             "gemm_peak_tflops": self.gemm.tflops,
+            "num_gpus": num_gpus,
             "gemm": self.gemm.to_dict(),
             "optimal_tokens_per_s": optimal,
             "pct_of_optimal": 100.0 * total / optimal,
@@ -216,9 +221,10 @@ def run_throughput(**kwargs) -> dict:
     warmup = _warmup_requests(workload, opts, model_config.vocab_size, max_len)
 
     kv_variant = _kv_variant(opts)
+    num_gpus = int(opts.engine_args.get("tensor_parallel_size", 1))
     main = _timed_run(llm, opts.plan, requests, warmup, opts, device, dtype)
     main.variant = kv_variant and f"{kv_variant} on"
-    runs = {"main": main.metrics(num_params)}
+    runs = {"main": main.metrics(num_params, num_gpus)}
     _print_run("nanoflow", runs["main"])
     if kv_variant is not None:
         if opts.compare_prefix_caching:
@@ -242,7 +248,7 @@ def run_throughput(**kwargs) -> dict:
             empty_cache(device)
             llm = _build_llm(opts, opts.compare)
         compared = _timed_run(llm, opts.compare, requests, warmup, opts, device, dtype)
-        runs["compare"] = compared.metrics(num_params)
+        runs["compare"] = compared.metrics(num_params, num_gpus)
         runs["compare"]["ratio"] = runs["main"]["total_tokens_per_s"] / runs["compare"]["total_tokens_per_s"]
         runs["compare"]["ratio_means"] = f"total tokens/s of plan {opts.plan!r} / plan {opts.compare!r}"
         _print_run(f"nanoflow ({opts.compare})", runs["compare"])
@@ -488,7 +494,8 @@ def format_table(result: dict) -> str:
         f"== nanoflow bench throughput: {result['model']} ({result['num_params'] / 1e9:.3f}B params, "
         f"{result['dtype']}) on {result['device_name']}, workload {result['workload']}, {result['date']}",
         f"GEMM peak {gemm['tflops']:.4g} TFLOP/s ({gemm['dtype']} n={gemm['n']}, median of {gemm['iters']})"
-        f"{flag}; optimal {_fmt(result['optimal_tokens_per_s'])} tokens/s",
+        f"{flag}; optimal {_fmt(result['optimal_tokens_per_s'])} tokens/s"
+        + (f" ({result['num_gpus']} GPUs x the one-GPU peak)" if result.get("num_gpus", 1) > 1 else ""),
         line(header), line(["-" * w for w in widths]), *(line(r) for r in rows),
         "total tok/s = (prompt + output tokens) / wall time of the timed region (end-to-end); "
         "steady = middle 80% of steps by time",

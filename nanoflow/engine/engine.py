@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +36,14 @@ _MAX_STEP_RECORDS = 1_000_000
 # which CUDA refuses all work) mean the engine itself is broken: step() raises EngineFatalError.
 _MAX_CONSECUTIVE_STEP_FAILURES = 3
 _DEVICE_ERRORS = tuple(t for t in (getattr(torch, "AcceleratorError", None),) if t is not None)
+
+
+def _start_tensor_parallel(config: EngineConfig, source):
+    """The TPContext of rank 0 (workers launched or joined) when tensor_parallel_size > 1, else None."""
+    if config.tensor_parallel_size == 1:
+        return None
+    from nanoflow.distributed.launch import start
+    return start(config, source.model_config)
 
 
 class QueueFullError(RuntimeError):
@@ -126,10 +135,13 @@ class LLMEngine:
         offline batches; stop strings are still checked token by token)."""
         self.config = config or EngineConfig()
         self.stream_text = stream_text
-        self.device = self.config.resolved_device()
         source = resolve_model_source(self.config)
+        self.tp = _start_tensor_parallel(self.config, source)  # None on one rank; torchrun's ranks > 0 stay inside
+        if self.tp is not None:
+            weakref.finalize(self, self.tp.shutdown)
+        self.device = self.config.resolved_device() if self.tp is None else self.tp.device
         dtype = self.config.resolved_dtype(self.device, source.model_config.torch_dtype)
-        self.model, self.source = load_model(self.config, self.device, dtype, source)
+        self.model, self.source = load_model(self.config, self.device, dtype, source, tp=self.tp)
         self.model_config = self.source.model_config
         self.model.kernels = select_kernels(self.config.use_triton, self.device)
         self.tokenizer = load_tokenizer(self.source)
@@ -140,13 +152,21 @@ class LLMEngine:
         num_blocks = self.config.num_kv_blocks or choose_num_blocks(
             self.model, self.config.block_size, self.device, self.config.gpu_memory_utilization,
             self.config.cpu_kv_cache_gb, self.config.max_num_seqs, kv_dtype)
+        if self.tp is not None:  # every rank allocates the same blocks: what fits on all of them
+            num_blocks = self.tp.agree_min(num_blocks)
         self.kv = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(token_budget, self.config.max_num_seqs, self.config.kv_admission_ratio), self.kv)
         # The torch reference kernels sync with the host (not capturable): graphs need the Triton path.
         graphs = not self.config.enforce_eager and self.model.kernels is not reference_kernels
-        self.runner = ModelRunner(self.model, self.kv, token_budget, cuda_graphs=graphs, kv_dtype=kv_dtype)
+        if self.tp is None:
+            self.runner = ModelRunner(self.model, self.kv, token_budget, cuda_graphs=graphs, kv_dtype=kv_dtype)
+        else:  # rank 0 of a tensor-parallel group: each step also runs on the worker ranks
+            from nanoflow.distributed.runner import TPModelRunner
+            self.runner = TPModelRunner(self.model, self.kv, token_budget, self.tp, kv_dtype=kv_dtype)
         if self.config.kv_host_gb > 0:
+            if self.tp is not None:  # the worker ranks follow rank 0's block tables, not its host copies
+                raise ValueError("kv_host_gb (the host KV tier) does not work with tensor_parallel_size > 1 yet")
             slots = HostKVTier.slots_for_bytes(self.runner.kv_all, self.config.kv_host_gb * (1 << 30))
             if slots == 0:
                 raise ValueError(f"kv_host_gb {self.config.kv_host_gb} holds no KV block")
@@ -161,6 +181,12 @@ class LLMEngine:
         self._gpu_timeline: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
         self.step_times: list[tuple[float, float, int]] = []
         """(start_s, end_s, num_tokens) of every step, for benchmarks."""
+
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel worker ranks and leaves their process group (nothing on one rank;
+        also done at garbage collection and interpreter exit). The engine cannot step afterwards."""
+        if self.tp is not None:
+            self.tp.shutdown()
 
     def _eos_ids(self) -> list[int]:
         ids = list(self.model_config.eos_token_ids)

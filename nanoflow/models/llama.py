@@ -16,7 +16,7 @@ from nanoflow.engine.forward_batch import ForwardBatch
 from nanoflow.kernels import reference as ref_kernels
 from nanoflow.models.config import ModelConfig
 from nanoflow.models.rope import build_cos_sin_cache
-from nanoflow.pipeline.ops import Op, Resource, RowScope
+from nanoflow.pipeline.ops import COLLECTIVE_OPS, Op, Resource, RowScope
 
 
 class Workspace:
@@ -120,15 +120,19 @@ class LlamaDecoderLayer(nn.Module):
         self.model.kernels.linear(s.ws.attn_out[lo:hi], self.o_weight, None,
                                   out=s.ws.hidden[lo:hi], sm_budget=s.sm_budget)
 
+    def _all_reduce_hidden(self, s: StepState, lo: int, hi: int) -> None:
+        self.model.tp.all_reduce(s.ws.hidden[lo:hi])
+
     def _post_norm(self, s: StepState, lo: int, hi: int) -> None:
         ws = s.ws
         self.model.kernels.fused_add_rms_norm(ws.hidden[lo:hi], ws.residual[lo:hi], self.post_norm, self.eps,
                                               out=ws.normed[lo:hi], residual_out=ws.residual[lo:hi])
 
     def _build_ops(self) -> list[Op]:
-        """Attention half, then the MLP block's ops (they read `normed`, write `hidden`)."""
+        """Attention half, then the MLP block's ops (they read `normed`, write `hidden`); under tensor
+        parallelism an all-reduce after o_gemm and after the MLP."""
         C, M = Resource.COMPUTE, Resource.MEMORY
-        return [
+        ops = [
             Op("input_norm", M, self._input_norm, reads=("hidden", "residual"), writes=("normed", "residual")),
             Op("qkv_gemm", C, self._qkv_gemm, reads=("normed",), writes=("qkv",)),
             Op("rope_kv_write", M, self._rope_kv_write, reads=("qkv",), writes=("q_rot", "kv")),
@@ -138,6 +142,14 @@ class LlamaDecoderLayer(nn.Module):
             Op("o_gemm", C, self._o_gemm, reads=("attn_out",), writes=("hidden",)),
             Op("post_norm", M, self._post_norm, reads=("hidden", "residual"), writes=("normed", "residual")),
         ] + self.mlp.ops()
+        if self.model.tp is None:
+            return ops
+        # Tensor parallel: o_proj and the MLP's last projection are row-parallel; sum the ranks' partial
+        # outputs in place (network ops, so plans cut them and overlap them with other nano-batches).
+        o_allreduce, mlp_allreduce = (Op(name, Resource.NETWORK, self._all_reduce_hidden, reads=("hidden",),
+                                         writes=("hidden",)) for name in COLLECTIVE_OPS)
+        at = [op.name for op in ops].index("o_gemm") + 1
+        return ops[:at] + [o_allreduce] + ops[at:] + [mlp_allreduce]
 
 
 class DenseMLP(nn.Module):
@@ -203,18 +215,22 @@ class LlamaForCausalLM(nn.Module):
     MLP_BLOCK: type = DenseMLP
     """The MLP part of every decoder layer (a subclass swaps it: Mixtral's experts)."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, kernels=ref_kernels):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, kernels=ref_kernels, tp=None):
         super().__init__()
         self.config = cfg
         self.dtype, self.device = dtype, device
         self.kernels = kernels
+        self.tp = tp
+        """Tensor-parallel rank (nanoflow.distributed.TPContext) or None. Under TP `cfg` is the rank's
+        shard (its heads and MLP width; nanoflow.distributed.sharding), the vocabulary is split."""
+        vocab_rows = cfg.vocab_size if tp is None else tp.vocab_rows(cfg.vocab_size)
         self.embed_tokens = nn.Parameter(
-            torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device), requires_grad=False)
+            torch.empty(vocab_rows, cfg.hidden_size, dtype=dtype, device=device), requires_grad=False)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, self, dtype, device)
                                     for i in range(cfg.num_hidden_layers))
         self.norm = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype, device=device), requires_grad=False)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(
-            torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device), requires_grad=False)
+            torch.empty(vocab_rows, cfg.hidden_size, dtype=dtype, device=device), requires_grad=False)
         # Rope cache: a buffer, not a parameter; computed in fp32 then cast like transformers does.
         self.register_buffer("cos_sin", build_cos_sin_cache(cfg, device).to(dtype), persistent=False)
 
@@ -228,14 +244,20 @@ class LlamaForCausalLM(nn.Module):
     # Forward in three parts so the executor can run the layers' ops under any plan.
     def embed(self, s: StepState) -> None:
         t = s.batch.num_tokens
-        torch.index_select(self.embed_tokens, 0, s.batch.input_ids[:t], out=s.ws.hidden[:t])
+        if self.tp is None:
+            torch.index_select(self.embed_tokens, 0, s.batch.input_ids[:t], out=s.ws.hidden[:t])
+        else:  # vocab-parallel: each rank's rows, summed
+            self.tp.embed(self.embed_tokens, s.batch.input_ids[:t], out=s.ws.hidden[:t])
         s.ws.residual[:t].zero_()  # layer 0's fused add then yields residual = embeddings exactly
 
     def compute_logits(self, s: StepState) -> torch.Tensor:
         idx = s.batch.logits_indices
         x = s.ws.hidden.index_select(0, idx) + s.ws.residual.index_select(0, idx)
         x = self.kernels.rms_norm(x, self.norm, self.config.rms_norm_eps)
-        return torch.mm(x, self.lm_head_weight().t()).float()
+        logits = torch.mm(x, self.lm_head_weight().t())
+        if self.tp is not None:  # each rank's vocabulary slice, gathered on rank 0 (None elsewhere)
+            return self.tp.gather_logits(logits, self.config.vocab_size)
+        return logits.float()
 
     # Weight loading: Hugging Face names -> fused parameters.
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

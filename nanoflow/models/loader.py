@@ -130,10 +130,12 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
 
 
 def load_model(config: EngineConfig, device: torch.device, dtype: torch.dtype,
-               source: ModelSource | None = None) -> tuple[nn.Module, ModelSource]:
+               source: ModelSource | None = None, tp=None) -> tuple[nn.Module, ModelSource]:
     """Builds the model on `device` in `dtype` and fills its weights (checkpoint or random from config.seed).
 
     Pass `source` when it was already resolved (e.g. to pick the dtype from its torch_dtype).
+    `tp` (a nanoflow.distributed.TPContext): build this rank's shard only, reading only its slices of
+    the checkpoint (dummy weights: random values of the shard's shape).
     """
     from nanoflow.models.registry import model_class
 
@@ -142,12 +144,18 @@ def load_model(config: EngineConfig, device: torch.device, dtype: torch.dtype,
     check_model_fits(config, source.model_config, device, dtype)  # fail now, not in the OOM killer's hands
     # Parameters are allocated on `device` and filled in place there (dummy: a device generator;
     # checkpoint: one memory-mapped tensor at a time): no host copy, no second copy of the weights.
-    model = model_class(source.model_config.architecture)(source.model_config, dtype=dtype, device=device)
+    cls = model_class(source.model_config.architecture)
+    if tp is None:
+        model = cls(source.model_config, dtype=dtype, device=device)
+    else:
+        model = cls(tp.shard_config(source.model_config), dtype=dtype, device=device, tp=tp)
     with torch.no_grad():
         if source.weights_dir is None:
             init_dummy_weights(model, config.seed)
-        else:
+        elif tp is None:
             model.load_weights(iter_safetensors(source.weights_dir))
+        else:
+            model.load_weights(tp.read_weights(source.weights_dir, source.model_config))
     return model, source
 
 

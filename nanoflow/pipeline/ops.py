@@ -9,6 +9,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 
+COLLECTIVE_OPS = ("o_allreduce", "mlp_allreduce")
+"""The network ops tensor parallelism adds to a layer: all-reduces after o_gemm and after the MLP."""
+
+
 class Resource(str, enum.Enum):
     COMPUTE = "compute"
     MEMORY = "memory"
