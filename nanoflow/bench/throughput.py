@@ -231,9 +231,9 @@ def run_throughput(**kwargs) -> dict:
             llm.engine.kv.set_prefix_caching(False)
         else:
             llm.engine.kv.set_host_tier_enabled(False)
-        compared = _timed_run(llm, opts.plan, requests, warmup, opts, device)
+        compared = _timed_run(llm, opts.plan, requests, warmup, opts, device, dtype)
         compared.variant = f"{kv_variant} off"
-        runs["compare"] = compared.metrics(num_params)
+        runs["compare"] = compared.metrics(num_params, num_gpus)
         runs["compare"]["ratio"] = runs["main"]["total_tokens_per_s"] / runs["compare"]["total_tokens_per_s"]
         runs["compare"]["ratio_means"] = f"total tokens/s with {kv_variant} on / off"
         on, off = runs["main"]["kv"], runs["compare"]["kv"]
