@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from nanoflow.bench.workloads import (
-    MAX_INPUT_TOKENS, MAX_OUTPUT_TOKENS, NAMED_TRACES, PACKAGED_TRACE_DIR, TOKEN_ID_MARGIN, TRACE_DIR_ENV,
+    MAX_INPUT_TOKENS, MAX_OUTPUT_TOKENS, NAMED_TRACES, PACKAGED_TRACE_DIR, PACKAGED_TRACES, TOKEN_ID_MARGIN, TRACE_DIR_ENV,
     Workload, default_trace_dirs, filter_rows, find_trace_file, load_trace, parse_workload, sample_requests)
 
 VOCAB = 1000
@@ -80,9 +80,9 @@ def test_default_search_order_without_environment(monkeypatch, tmp_path):
     assert default_trace_dirs() == [tmp_path, PACKAGED_TRACE_DIR]  # the environment's folder first
 
 
-@pytest.mark.parametrize("name", sorted(NAMED_TRACES))
+@pytest.mark.parametrize("name", PACKAGED_TRACES)
 def test_named_traces_come_from_the_package(name, monkeypatch, tmp_path):
-    """An installed package has no sibling ../shared folder: the three traces ship inside it."""
+    """An installed package has no sibling ../shared folder: the shipped traces are inside it."""
     monkeypatch.delenv(TRACE_DIR_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
     assert parse_workload(name).path == PACKAGED_TRACE_DIR / f"{name}.csv"
@@ -102,7 +102,7 @@ def test_packaged_traces_name_their_sources_and_licences():
         assert f"{name}.csv" in sources
     assert "CC-BY 4.0" in sources and "Attribution" in sources and "Apache-2.0" in sources
     assert "github.com/Azure/AzurePublicDataset" in sources and "github.com/efeslab/Nanoflow" in sources
-    for name in NAMED_TRACES:  # sha256 recorded there matches the shipped bytes
+    for name in PACKAGED_TRACES:  # sha256 recorded there matches the shipped bytes
         digest = hashlib.sha256((PACKAGED_TRACE_DIR / f"{name}.csv").read_bytes()).hexdigest()
         assert digest in sources, name
 
@@ -270,12 +270,11 @@ def test_real_splitwise_trace():
     assert all(len(r.prompt_token_ids) <= MAX_INPUT_TOKENS and 0 < r.output_len <= MAX_OUTPUT_TOKENS for r in reqs)
 
 
-@pytest.mark.parametrize("name, rows_in_file", [("lmsys", 100_000), ("sharegpt", 58_787)])
-def test_real_nanoflow_length_files(name, rows_in_file):
-    w = _real_trace(name)
-    rows = load_trace(w.path)
-    assert len(rows.input_lens) == rows_in_file and rows.timestamps is None
-    reqs = sample_requests(w, 100, seed=0, vocab_size=32_000, max_model_len=4096)
-    assert all(r.arrival_time is None for r in reqs)
-    assert all(0 < len(r.prompt_token_ids) <= MAX_INPUT_TOKENS and 0 < r.output_len <= MAX_OUTPUT_TOKENS
-               for r in reqs)
+@pytest.mark.parametrize("name", sorted(set(NAMED_TRACES) - set(PACKAGED_TRACES)))
+def test_unshipped_traces_say_where_to_get_them(name, monkeypatch, tmp_path):
+    """lmsys / sharegpt are not redistributed (their notes ask not to): a missing copy names the source."""
+    monkeypatch.delenv(TRACE_DIR_ENV, raising=False)
+    assert not (PACKAGED_TRACE_DIR / f"{name}.csv").exists()
+    with pytest.raises(FileNotFoundError) as err:
+        parse_workload(name)
+    assert "github.com/efeslab/Nanoflow" in str(err.value) and "--trace-dir" in str(err.value)

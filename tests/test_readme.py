@@ -22,8 +22,9 @@ def _readme_commands() -> list[str]:
 def test_ci_runs_exactly_the_readme_install_and_test_lines():
     commands = _readme_commands()
     assert len(commands) == 2
-    assert commands[0].startswith('pip install -e ".[test]"')
-    assert "--index-url https://download.pytorch.org/whl/cpu" in commands[0]  # torch's CPU-only build
+    assert commands[0] == 'pip install torch==2.13.0 -e ".[test]"'
+    # and the README says how to get torch's CPU-only build where the default wheel is the CUDA one
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in README
     assert commands[1] == "python -m pytest -q"
     ci = (REPO / ".ci" / "run").read_text()
     assert "readme_commands.py README.md" in ci and "pytest" not in ci.replace("readme", "")

@@ -5,8 +5,10 @@ A spec is one of
 - ``splitwise``        the Azure LLM inference conv trace (``AzureLLMInferenceTrace_conv.csv``);
 - ``lmsys``            NanoFlow's LMSYS-Chat length file (``nanoflow/lmsys.csv``);
 - ``sharegpt``         NanoFlow's ShareGPT length file (``nanoflow/sharegpt.csv``);
-  the three ship in the package (``nanoflow/bench/traces/<name>.csv``, sources and licences in
-  ``traces/SOURCES.md``); a ``--trace-dir`` or ``$NANOFLOW_TRACE_DIR`` folder is read first;
+  ``splitwise`` ships in the package (``nanoflow/bench/traces/splitwise.csv``, CC-BY 4.0, sources in
+  ``traces/SOURCES.md``); ``lmsys`` and ``sharegpt`` do not (their notes ask not to redistribute them:
+  derived from LMSYS-Chat-1M and ShareGPT), so they are read from ``--trace-dir`` or
+  ``$NANOFLOW_TRACE_DIR`` (a copy of NanoFlow's ``datasets/traces``); such a folder is read first;
 - ``PATH.csv``         any CSV with ``ContextTokens,GeneratedTokens`` columns (and optionally ``TIMESTAMP``);
 - ``shared-prefix:SYS:UNIQUE:OUT[:GROUPS]``  one long shared system prompt of SYS random tokens (or GROUPS
                        of them, requests interleaved round-robin), then UNIQUE random tokens per request,
@@ -46,6 +48,10 @@ NAMED_TRACES = {
 }
 """Named trace workloads and their file, relative to a trace folder (the original downloads' layout)."""
 PACKAGED_TRACE_DIR = Path(__file__).resolve().parent / "traces"
+PACKAGED_TRACES = ("splitwise",)
+"""Named traces shipped in PACKAGED_TRACE_DIR; the others need --trace-dir / $NANOFLOW_TRACE_DIR."""
+UNSHIPPED_TRACE_SOURCE = ("https://github.com/efeslab/Nanoflow, folder datasets/traces (lmsys.csv, sharegpt.csv: "
+                          "NanoFlow's length files, not shipped here because their notes ask not to redistribute them)")
 """The copies shipped in the package, one <workload name>.csv each (sources and licences: SOURCES.md)."""
 
 _SPEC_FORMS = ("constant:IN:OUT, splitwise, lmsys, sharegpt, a PATH.csv, shared-prefix:SYS:UNIQUE:OUT[:GROUPS], "
@@ -128,8 +134,10 @@ def find_trace_file(relative: str, trace_dir: str | Path | None = None) -> Path:
             if candidate.is_file():
                 return candidate
     where = "\n  ".join(str(p) for p in tried)
+    unshipped = any(name not in PACKAGED_TRACES for name, path in NAMED_TRACES.items() if path == relative)
+    source = f"\nthis trace does not ship with nanoflow; get it from {UNSHIPPED_TRACE_SOURCE}" if unshipped else ""
     raise FileNotFoundError(
-        f"trace file {relative!r} not found; looked in:\n  {where}\n"
+        f"trace file {relative!r} not found; looked in:\n  {where}{source}\n"
         f"pass --trace-dir or set ${TRACE_DIR_ENV} to the folder holding the trace CSVs")
 
 
