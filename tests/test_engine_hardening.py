@@ -3,6 +3,8 @@ logprobs, a failing step failing only its requests, and the bound on n. CPU, bui
 scheduling on (the default)."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from nanoflow.config import EngineConfig
@@ -134,6 +136,24 @@ def test_a_failing_step_fails_only_its_requests(engine, monkeypatch):
     finals, _ = _run(engine, {"after": (PROMPT, SamplingParams(max_tokens=5, ignore_eos=True))})
     assert finals["after"].outputs[0].finish_reason == "length"
     assert len(finals["after"].outputs[0].token_ids) == 5
+
+
+def test_a_failing_step_leaves_no_cached_prefix(engine, monkeypatch):
+    """Blocks a failed step wrote may hold bad KV: a later request must compute its prompt again."""
+    assert engine.kv.enable_prefix_caching
+    prompt = list(range(5, 5 + 4 * engine.config.block_size))  # four full blocks
+    real_forward = engine.runner.forward
+
+    def forward_then_fail(batch, *args, **kwargs):
+        out = real_forward(batch, *args, **kwargs)  # the KV of the prompt is written, then it fails
+        raise RuntimeError("simulated failure after the forward")
+    monkeypatch.setattr(engine.runner, "forward", forward_then_fail)
+    finals, _ = _run(engine, {"x": (prompt, SamplingParams(max_tokens=3, ignore_eos=True))})
+    assert finals["x"].outputs[0].finish_reason == "error"
+    monkeypatch.setattr(engine.runner, "forward", real_forward)
+    assert engine.kv.lookup(SimpleNamespace(params=SamplingParams(), num_tokens=len(prompt) + 1,
+                                            num_pending_tokens=0,
+                                            token_slice=lambda a, b: (prompt + [7])[a:b])).nodes == []
 
 
 def test_a_failing_token_fails_only_its_request(engine, monkeypatch):

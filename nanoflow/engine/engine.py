@@ -305,6 +305,8 @@ class LLMEngine:
         for group in groups.values():
             for seq in group.seqs:
                 self._fail_seq(seq)
+        # Blocks the failed step wrote may hold bad KV: no later request may hit them as a cached prefix.
+        self.kv.reset_prefix_cache()
         return [self._make_output(g) for g in groups.values()]
 
     def _fail_seq(self, seq: Request) -> None:

@@ -195,8 +195,8 @@ class KVCacheManager:
     # ---- prefix caching -------------------------------------------------------------------------------
     def lookup(self, request) -> PrefixHit:
         """The request's longest cached prefix (whole blocks, at least one token left to compute)."""
-        if not self.enable_prefix_caching:
-            return PrefixHit()
+        if not self.enable_prefix_caching or getattr(request.params, "prompt_logprobs", None) is not None:
+            return PrefixHit()  # prompt logprobs need every prompt row computed (as vLLM: no hit for them)
         known = request.num_tokens - request.num_pending_tokens
         return self.tree.lookup(request, (known - 1) // self.block_size, self._host_enabled)
 
