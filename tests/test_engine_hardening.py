@@ -139,21 +139,27 @@ def test_a_failing_step_fails_only_its_requests(engine, monkeypatch):
 
 
 def test_a_failing_step_leaves_no_cached_prefix(engine, monkeypatch):
-    """Blocks a failed step wrote may hold bad KV: a later request must compute its prompt again."""
+    """A step whose results cannot be read may have written bad KV: a later request must compute its
+    prompt again rather than hit those blocks as a cached prefix."""
     assert engine.kv.enable_prefix_caching
     prompt = list(range(5, 5 + 4 * engine.config.block_size))  # four full blocks
-    real_forward = engine.runner.forward
+    real_launch = engine._launch
 
-    def forward_then_fail(batch, *args, **kwargs):
-        out = real_forward(batch, *args, **kwargs)  # the KV of the prompt is written, then it fails
-        raise RuntimeError("simulated failure after the forward")
-    monkeypatch.setattr(engine.runner, "forward", forward_then_fail)
+    class Unreadable:
+        def tolist(self):
+            raise RuntimeError("simulated lost step results")
+
+    def launch_with_unreadable_results(sched):
+        flight = real_launch(sched)  # the prompt's KV is computed and the request advanced
+        if flight is not None:
+            flight.tokens_host = Unreadable()
+        return flight
+    monkeypatch.setattr(engine, "_launch", launch_with_unreadable_results)
     finals, _ = _run(engine, {"x": (prompt, SamplingParams(max_tokens=3, ignore_eos=True))})
     assert finals["x"].outputs[0].finish_reason == "error"
-    monkeypatch.setattr(engine.runner, "forward", real_forward)
-    assert engine.kv.lookup(SimpleNamespace(params=SamplingParams(), num_tokens=len(prompt) + 1,
-                                            num_pending_tokens=0,
-                                            token_slice=lambda a, b: (prompt + [7])[a:b])).nodes == []
+    probe = SimpleNamespace(params=SamplingParams(), num_tokens=len(prompt) + 1, num_pending_tokens=0,
+                            token_slice=lambda a, b: (prompt + [7])[a:b])
+    assert engine.kv.lookup(probe).nodes == []
 
 
 def test_a_failing_token_fails_only_its_request(engine, monkeypatch):
