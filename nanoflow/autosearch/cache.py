@@ -172,3 +172,35 @@ def describe_entry(entry: dict) -> str:
     seq = m.get("sequential_ms_per_step")
     ratio = f", {seq / measured:.3f}x sequential" if measured and seq else ""
     return f"{entry['plan'].get('name')} [{k['workload_class']}]{ratio} ({entry.get('path', '')})"
+
+
+def profile_dir(directory: str | Path | None = None) -> Path:
+    """Where `nanoflow tune` stores its profiles: beside the plan cache (…/nanoflow/profiles/)."""
+    return cache_dir(directory).parent / "profiles"
+
+
+def lookup_profile(engine, directory: str | Path | None = None):
+    """The newest profile `nanoflow tune` measured for this engine's model shape, device, tensor-parallel
+    size, dtype and token budget (the workload class of $NANOFLOW_PLAN_WORKLOAD preferred), as a
+    ProfileTable; None when there is none (per-step plan choice then uses fixed rates)."""
+    try:
+        key = engine_key(engine)
+        folder = profile_dir(directory)
+        paths = sorted(folder.glob(f"{key.prefix()}_*.json"), key=lambda p: p.stat().st_mtime, reverse=True) \
+            if folder.is_dir() else []
+    except Exception as exc:  # noqa: BLE001 - a broken cache must never stop the engine
+        warnings.warn(f"profile cache unreadable ({exc}); ignoring it", stacklevel=2)
+        return None
+    if not paths:
+        return None
+    wanted = _workload_class_of(engine, os.environ.get(WORKLOAD_ENV))
+    if wanted:
+        preferred = [p for p in paths if p.name == key.with_class(wanted).filename()]
+        paths = preferred + [p for p in paths if p not in preferred]
+    from nanoflow.autosearch.profile import ProfileTable
+    for path in paths:
+        try:
+            return ProfileTable.load(path)
+        except (ValueError, OSError, TypeError, KeyError) as exc:
+            warnings.warn(f"profile {path} is unusable ({exc}); ignoring it", stacklevel=2)
+    return None

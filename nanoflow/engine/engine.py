@@ -201,6 +201,10 @@ class LLMEngine:
             self._executors[spec] = make_executor(plan, self.model.layers[0].ops, self.device)
         self.runner.executor = self._executors[spec]
         self.plan_name = self.runner.executor.name
+        if not self.runner.executor.is_sequential() and self.runner.profile is None:
+            from nanoflow.autosearch.cache import lookup_profile  # per-step plan choice from the device's profile
+            self.runner.set_profile(lookup_profile(self))
+        self.runner.prepare_graphs()
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:

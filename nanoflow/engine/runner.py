@@ -2,23 +2,37 @@
 into device tensors, runs the layers through the pipeline executor, and returns logits."""
 from __future__ import annotations
 
+import collections
 import dataclasses
+import logging
+import time
 
 import numpy as np
 import torch
 
 from nanoflow import memory_check
-from nanoflow.engine.cuda_graphs import PiecewiseGraphs
 from nanoflow.engine.forward_batch import ForwardBatch
 from nanoflow.engine.kv_cache import KVCacheManager
 from nanoflow.engine.scheduler import SchedulerOutput
 from nanoflow.models.llama import LlamaForCausalLM, StepState
 from nanoflow.pipeline.executor import PlanExecutor, make_executor
+from nanoflow.pipeline.graphs import GraphSet
+from nanoflow.pipeline.plan_choice import FixedRates, PlanChooser, StepCostModel, StepFeatures
 
-# Rates that rank steps by their decode-attention share (H200-like: KV read at ~4 TB/s, GEMMs at
-# ~750 TFLOP/s). Only their ratio matters, and only to pick between a plan and sequential.
-_ATTN_BYTES_PER_S = 4.0e12
-_GEMM_FLOPS_PER_S = 7.5e14
+logger = logging.getLogger(__name__)
+MAX_STEP_LOG = 200_000
+"""Steps kept in ModelRunner.step_log (a long-lived server keeps the most recent)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+    """What one forward ran (bench reports classify steps by it)."""
+    num_tokens: int
+    num_decode: int
+    plan: bool
+    """Ran under the (non-sequential) plan."""
+    graph: bool
+    """Ran on the CUDA-graph buffers (replayed, or issued eagerly on them before its capture)."""
 
 
 def kv_block_bytes(model: LlamaForCausalLM, block_size: int, kv_dtype: torch.dtype) -> int:
@@ -59,16 +73,47 @@ class ModelRunner:
         self.workspace = model.new_workspace(token_budget)
         self.executor = executor or make_executor(None, self.model.layers[0].ops, self.device)
         self.sequential = make_executor(None, self.model.layers[0].ops, self.device)
-        # Per-token seconds of KV read and of GEMMs at the ranking rates (see attention_share).
+        # Per-token seconds of KV read and of GEMMs at the fixed ranking rates (see attention_share).
+        rates = FixedRates()
         kv_bytes_per_token = kv_block_bytes(model, kv.block_size, kv_dtype) / kv.block_size
-        self._attn_s_per_context_token = kv_bytes_per_token / _ATTN_BYTES_PER_S
-        self._gemm_s_per_token = 2 * model.config.num_active_parameters() / _GEMM_FLOPS_PER_S
+        self._attn_s_per_context_token = kv_bytes_per_token / rates.attn_bytes_per_s
+        self._gemm_s_per_token = 2 * model.config.num_active_parameters() / rates.gemm_flops_per_s
         self.plan_steps = 0
-        """Steps the (non-sequential) plan ran; the others ran sequentially (see Plan.min_attn_share)."""
-        self.graphs = None
+        """Steps the (non-sequential) plan ran; the others ran sequentially (see PlanChooser)."""
+        self.step_log: collections.deque[StepRecord] = collections.deque(maxlen=MAX_STEP_LOG)
+        """One record per forward(), oldest first."""
+        self.profile = None
+        """The device's profile table (nanoflow tune), or None: per-step plan choice (set_profile)."""
+        self._cost: StepCostModel | None = None
+        self._chooser: PlanChooser | None = None
+        self.graphs: GraphSet | None = None
         if cuda_graphs and self.device.type == "cuda":
-            self.graphs = PiecewiseGraphs(model, self.workspace, self.kv_caches, token_budget)
-            self.graphs.capture()
+            max_blocks = min(kv.pool.num_blocks, -(-cfg.max_position_embeddings // kv.block_size))
+            self.graphs = GraphSet(model, self.workspace, self.kv_caches, kv.block_size, max_blocks)
+
+    def set_profile(self, table) -> None:
+        """Per-step plan choice from this profile (None: the fixed rates and min_attn_share). A table
+        that does not fit the model is refused with a warning (the fixed rates are used)."""
+        self._chooser = None
+        self._cost = None
+        self.profile = table
+        if table is None:
+            return
+        try:
+            self._cost = StepCostModel(table, self.model.layers[0].ops, len(self.model.layers))
+        except ValueError as exc:
+            logger.warning("profile not used for plan choice: %s", exc)
+            self.profile = None
+
+    def prepare_graphs(self) -> None:
+        """Captures the common graph shapes of the current plan and of the sequential fallback
+        (nothing without CUDA graphs). Call when no step is in flight (LLMEngine.set_plan)."""
+        if self.graphs is None:
+            return
+        t0 = time.perf_counter()
+        for ex in [self.executor] if self.executor.is_sequential() else [self.executor, self.sequential]:
+            self.graphs.prepare(ex)
+        logger.info("CUDA graphs ready in %.1f s: %s", time.perf_counter() - t0, self.graphs.describe())
 
     def build_batch(self, sched: SchedulerOutput, pending_source: dict | None = None,
                     prev_tokens: torch.Tensor | None = None) -> ForwardBatch:
@@ -128,20 +173,31 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, force_plan: bool = False) -> torch.Tensor:
         """Runs the model on the batch; returns fp32 logits of the rows in batch.logits_indices.
-        force_plan: run the plan even where its min_attn_share would run the step sequentially."""
-        state = StepState(batch, self.workspace, self.kv_caches)
-        self.model.embed(state)
+        A non-sequential plan runs on the steps its chooser predicts it wins (the profile), or with
+        no profile where its min_attn_share applies; force_plan runs it on every step. With CUDA
+        graphs the step replays its shape's graph (pipeline/graphs.py)."""
         executor = self.executor
+        ran_plan = False
         if not executor.is_sequential():
-            if force_plan or executor.plan.applies(self.attention_share(batch)):
+            if force_plan or self._plan_chooser(executor).runs_plan(batch):
+                ran_plan = True
                 self.plan_steps += 1
             else:
                 executor = self.sequential
-        if self.graphs is not None and executor.is_sequential() and self.graphs.can_run(batch):
-            self.graphs.run_layers(state)
+        state = StepState(batch, self.workspace, self.kv_caches)
+        graph = self.graphs is not None and self.graphs.can_run(executor, batch)
+        if graph:
+            self.graphs.run(executor, batch)
         else:
+            self.model.embed(state)
             executor.run([layer.ops for layer in self.model.layers], state)
+        self.step_log.append(StepRecord(batch.num_tokens, batch.num_decode, ran_plan, graph))
         return self.model.compute_logits(state)
+
+    def _plan_chooser(self, executor: PlanExecutor) -> PlanChooser:
+        if self._chooser is None or self._chooser.executor is not executor:
+            self._chooser = PlanChooser(executor, self._cost, self.attention_share)
+        return self._chooser
 
     @torch.inference_mode()
     def logits_of_rows(self, batch: ForwardBatch, rows: torch.Tensor) -> torch.Tensor:
@@ -151,7 +207,11 @@ class ModelRunner:
         return self.model.compute_logits(state)
 
     def attention_share(self, batch: ForwardBatch) -> float:
-        """Estimated share of decode attention in the step's decode attention + GEMM time."""
+        """Estimated share of decode attention in the step's decode attention + GEMM time: from the
+        profile's op times when set_profile gave one, else at the fixed rates (FixedRates)."""
+        if self._cost is not None:
+            return self._cost.attention_share(StepFeatures(batch.num_tokens, batch.num_decode,
+                                                           batch.decode_context_tokens))
         attn = batch.decode_context_tokens * self._attn_s_per_context_token
         gemm = batch.num_tokens * self._gemm_s_per_token
         return attn / (attn + gemm) if attn + gemm > 0 else 0.0

@@ -209,8 +209,8 @@ def _pages(bt_ptr, r, stride_bt, j, offs_t, seq_len, TILE_N: tl.constexpr, BLOCK
 
 
 # The batch size and row-sliced metadata pointers change every step: no re-compiles for them.
-@triton.jit(do_not_specialize=["num_requests"],
-            do_not_specialize_on_alignment=["num_requests", "bt_ptr", "lens_ptr"])
+@triton.jit(do_not_specialize=["num_requests", "row0"],
+            do_not_specialize_on_alignment=["num_requests", "bt_ptr", "lens_ptr", "row0"])
 def _decode_tm_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, pacc_ptr, pml_ptr, meta_ptr,
     scale_log2, num_requests,
@@ -218,12 +218,19 @@ def _decode_tm_kernel(
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_bt, stride_or, stride_oh,
+    nrows_ptr, row0,
     NUM_GROUPS: tl.constexpr, HB: tl.constexpr, GROUP: tl.constexpr, NP: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TILE_N: tl.constexpr,
     SCAN: tl.constexpr, DOT_PRECISION: tl.constexpr, OFF32: tl.constexpr, SAME_KV: tl.constexpr,
+    ROWS_FROM_DEVICE: tl.constexpr,
 ):
     """Variant "tm": S^T [TILE_N, NP] = K [TILE_N, HB*D] . Q^T [HB*D, NP] (block-diagonal), then
-    acc^T [HB*D, NP] += V^T . P^T; output (h, g, d) = acc^T[h*D + d, h*G + g]."""
+    acc^T [HB*D, NP] += V^T . P^T; output (h, g, d) = acc^T[h*D + d, h*G + g].
+
+    ROWS_FROM_DEVICE (CUDA graphs): only the first clamp(*nrows_ptr - row0, 0, num_requests) rows
+    are computed (the batch's decode rows, counted on the device); the others are not touched."""
+    if ROWS_FROM_DEVICE:
+        num_requests = tl.minimum(tl.maximum(tl.load(nrows_ptr) - row0, 0), num_requests)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     total = NUM_GROUPS * _total_tiles(lens_ptr, num_requests, TILE_N, SCAN)
@@ -538,6 +545,35 @@ def paged_decode_attention(
     num_programs x heads_per_item; its programs without a cut item exit at once.
     config: variant / tile / heads / warps / stages; None = default_config(...).
     """
+    return _run(q, k_cache, v_cache, block_tables, seq_lens, scale, num_programs, out, config, None, 0)
+
+
+def paged_decode_attention_rows(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    num_rows: torch.Tensor,
+    row0: int,
+    num_programs: int,
+    out: torch.Tensor,
+    config: PersistentDecodeConfig | None = None,
+) -> torch.Tensor:
+    """The same function on the rows a device-side count selects, for CUDA graphs: the arguments
+    cover R rows (rows row0 .. row0 + R - 1 of the batch), of which only those below num_rows[0]
+    (an int32 device tensor: the batch's decode rows) are computed; `out` rows of the others are
+    left untouched. The launch (grid, arguments) depends on no device value. "tm" variant only."""
+    if num_rows.dtype != torch.int32 or num_rows.numel() < 1 or num_rows.device != q.device:
+        raise ValueError("num_rows must be an int32 tensor on q's device")
+    if row0 < 0:
+        raise ValueError(f"row0 must be >= 0, got {row0}")
+    return _run(q, k_cache, v_cache, block_tables, seq_lens, scale, num_programs, out, config, num_rows, row0)
+
+
+def _run(q, k_cache, v_cache, block_tables, seq_lens, scale, num_programs, out, config, num_rows, row0):
     if num_programs < 1:
         raise ValueError(f"num_programs must be >= 1, got {num_programs}")
     q, out = check_decode_args(q, k_cache, v_cache, block_tables, out)
@@ -551,6 +587,8 @@ def paged_decode_attention(
     if k_cache.dtype not in ok or v_cache.dtype != k_cache.dtype:
         raise ValueError(f"unsupported KV cache dtypes {k_cache.dtype} / {v_cache.dtype}")
     cfg = config or default_config(head_dim, q.element_size())
+    if num_rows is not None and cfg.variant != "tm":
+        raise ValueError('a device-side row count needs the "tm" variant')
     hb = _heads_per_item(cfg.heads_per_item, num_kv_heads)
     group = num_heads // num_kv_heads
     block_d = triton.next_power_of_2(head_dim)
@@ -569,10 +607,12 @@ def paged_decode_attention(
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.variant == "tm":
-        _decode_tm_kernel[(num_programs,)](*args, NP=max(16, triton.next_power_of_2(hb * group)),
+        rows = (num_rows, row0) if num_rows is not None else (meta, 0)  # meta: any int32 tensor, unread
+        _decode_tm_kernel[(num_programs,)](*args, *rows, NP=max(16, triton.next_power_of_2(hb * group)),
                                            OFF32=all(map(_fits_int32, (q, k_cache, v_cache, block_tables,
                                                                        out))),
-                                           SAME_KV=k_cache.stride() == v_cache.stride(), **common)
+                                           SAME_KV=k_cache.stride() == v_cache.stride(),
+                                           ROWS_FROM_DEVICE=num_rows is not None, **common)
     else:
         _decode_hm_kernel[(num_programs,)](*args, BLOCK_H=max(16, triton.next_power_of_2(group)),
                                            **common)

@@ -162,3 +162,55 @@ def paged_prefill_attention(
         v = _gather_context(v_cache, block_tables[r], length)
         out[lo:hi] = _attend(q[lo:hi], k, v, scale, length - (hi - lo))
     return out
+
+
+# ---- CUDA-graph forms: which rows / requests to compute is read from device scalars ---------------
+def paged_decode_attention_rows(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    num_rows: torch.Tensor,
+    row0: int,
+    out: torch.Tensor,
+    max_programs: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> torch.Tensor:
+    """paged_decode_attention on the first clamp(num_rows[0] - row0, 0, R) of the R rows given (rows
+    row0.. of the batch; num_rows: the batch's decode rows, an int32 device scalar); `out` rows of
+    the others are left as they are. The kernels read the count on the device (CUDA graphs)."""
+    n = max(0, min(int(num_rows.reshape(-1)[0]) - row0, q.shape[0]))
+    if n:
+        paged_decode_attention(q[:n], k_cache, v_cache, block_tables[:n], seq_lens[:n], scale, out=out[:n],
+                               k_scale=k_scale, v_scale=v_scale)
+    return out
+
+
+def paged_prefill_attention_rows(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    first_request: torch.Tensor,
+    num_requests: torch.Tensor,
+    out: torch.Tensor,
+    max_programs: int | None = None,
+) -> torch.Tensor:
+    """paged_prefill_attention of requests first_request[0] <= r < num_requests[0] (int32 device
+    scalars) of the whole batch: q and out hold every row, query_start_loc has R + 1 entries (rows
+    past the last request repeat its end). Rows of other requests are not written."""
+    end = max(0, min(int(num_requests.reshape(-1)[0]), seq_lens.shape[0]))
+    first = max(0, min(int(first_request.reshape(-1)[0]), end))
+    if first < end:
+        lo, hi = int(query_start_loc[first]), int(query_start_loc[end])
+        paged_prefill_attention(q[lo:hi], k_cache, v_cache, block_tables[first:end],
+                                query_start_loc[first:end + 1] - lo, seq_lens[first:end], scale, out=out[lo:hi])
+    return out

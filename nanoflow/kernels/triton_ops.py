@@ -14,6 +14,7 @@ from nanoflow.kernels import decode_attention_dispatch as _dispatch
 from nanoflow.kernels import decode_attention_persistent as _persistent
 from nanoflow.kernels.norm import fused_add_rms_norm, rms_norm
 from nanoflow.kernels.prefill_attention import paged_prefill_attention
+from nanoflow.kernels.prefill_attention_graph import paged_prefill_attention_rows
 from nanoflow.kernels.rope import rope_and_cache_write
 from nanoflow.kernels.moe_gemm import moe_experts
 
@@ -40,6 +41,18 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, *
                                               num_programs=max_programs, out=out)
 
 
+def paged_decode_attention_rows(q, k_cache, v_cache, block_tables, seq_lens, scale, *, num_rows, row0, out,
+                                max_programs: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0):
+    """CUDA-graph form (reference.paged_decode_attention_rows): the persistent stream-K kernel on a
+    fixed grid of max_programs programs (an SM budget or a green context's SMs; default: every SM),
+    computing only the rows below the device-side count num_rows."""
+    if v_scale != 1.0:  # a scaled output would need a masked multiply: not needed (the engine's scales are 1)
+        raise ValueError("paged_decode_attention_rows supports v_scale 1.0 only")
+    programs = max_programs or _split_kv.num_sms(q.device)
+    return _persistent.paged_decode_attention_rows(q, k_cache, v_cache, block_tables, seq_lens, scale * k_scale,
+                                                   num_rows=num_rows, row0=row0, num_programs=programs, out=out)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            out: torch.Tensor | None = None, sm_budget: int | None = None) -> torch.Tensor:
     """cuBLAS on the whole device; with an SM budget, the persistent Triton GEMM on that many SMs."""
@@ -51,4 +64,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 __all__ = ["linear", "rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope_and_cache_write",
-           "paged_decode_attention", "paged_prefill_attention", "moe_experts"]
+           "paged_decode_attention", "paged_prefill_attention", "moe_experts",
+           "paged_decode_attention_rows", "paged_prefill_attention_rows"]

@@ -40,6 +40,16 @@ class Workspace:
             setattr(self, name, empty(width))
 
 
+@dataclass(frozen=True)
+class DeviceRows:
+    """The batch's composition as int32 device scalars, for ops inside a CUDA graph (whose launches
+    cannot depend on host values that change per step)."""
+    num_decode: torch.Tensor
+    """[1]: decode rows (= decode requests), the first rows of the batch."""
+    num_reqs: torch.Tensor
+    """[1]: requests in the batch (entries of block_tables / seq_lens past it are padding)."""
+
+
 @dataclass
 class StepState:
     """What one step's ops read and write."""
@@ -48,6 +58,11 @@ class StepState:
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     sm_budget: int | None = None
     """SM budget of the nano-op being issued (set by the executor; None = whole device)."""
+    stream_sms: int | None = None
+    """SMs of the green-context partition the nano-op's stream runs on (None: an ordinary stream)."""
+    device_rows: DeviceRows | None = None
+    """Set for CUDA-graph steps: the batch's tensors are fixed-size buffers (padded rows and
+    requests) and attention reads which rows are decode / prefill from these device scalars."""
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -94,6 +109,14 @@ class LlamaDecoderLayer(nn.Module):
 
     def _decode_attn(self, s: StepState, lo: int, hi: int) -> None:
         b = s.batch
+        if s.device_rows is not None:  # graph form: rows lo:hi, those below the device's decode count
+            k_cache, v_cache = s.kv_caches[self.index]
+            self.model.kernels.paged_decode_attention_rows(
+                s.ws.q_rot[lo:hi].view(-1, self.num_q, self.head_dim), k_cache, v_cache, b.block_tables[lo:hi],
+                b.seq_lens[lo:hi], self.scale, num_rows=s.device_rows.num_decode, row0=lo,
+                out=s.ws.attn_out[lo:hi].view(-1, self.num_q, self.head_dim),
+                max_programs=s.sm_budget or s.stream_sms)
+            return
         lo, hi = lo, min(hi, b.num_decode)
         if hi <= lo:
             return
@@ -105,6 +128,15 @@ class LlamaDecoderLayer(nn.Module):
 
     def _prefill_attn(self, s: StepState, lo: int, hi: int) -> None:
         b = s.batch
+        if s.device_rows is not None:  # graph form: every prefill request (graphs never cut this op)
+            k_cache, v_cache = s.kv_caches[self.index]
+            t = b.num_tokens
+            self.model.kernels.paged_prefill_attention_rows(
+                s.ws.q_rot[:t].view(-1, self.num_q, self.head_dim), k_cache, v_cache, b.block_tables,
+                b.query_start_loc, b.seq_lens, self.scale, first_request=s.device_rows.num_decode,
+                num_requests=s.device_rows.num_reqs, out=s.ws.attn_out[:t].view(-1, self.num_q, self.head_dim),
+                max_programs=s.sm_budget or s.stream_sms)
+            return
         r0, r1 = b.prefill_request_range(lo, hi)
         if r1 <= r0:
             return
