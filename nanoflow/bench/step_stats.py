@@ -60,3 +60,82 @@ def step_statistics(steps: list[tuple[float, float, int]],
         mean_tokens_per_step=sum(int(s[2]) for s in steps) / len(steps),
         steady_steps=len(steady), steady_s=steady_s, steady_tokens=steady_tokens,
         steady_tokens_per_s=steady_tokens / steady_s if steady_s > 0 else None)
+
+
+# ---- step classes: steps grouped by the decode share of their tokens ---------------------------------
+STEP_CLASSES = ("decode-only", "mixed", "prefill-heavy")
+PREFILL_HEAVY_BELOW = 0.5
+"""A step whose decode rows are under this share of its tokens is prefill-heavy; from it up to (not
+including) all rows it is mixed; all rows decode: decode-only."""
+CLASS_RULES = {"decode-only": "decode share = 1", "mixed": f"{PREFILL_HEAVY_BELOW:g} <= decode share < 1",
+               "prefill-heavy": f"decode share < {PREFILL_HEAVY_BELOW:g}"}
+
+
+def step_class(num_tokens: int, num_decode: int) -> str:
+    """decode-only / mixed / prefill-heavy by num_decode / num_tokens (see PREFILL_HEAVY_BELOW)."""
+    if num_tokens <= 0 or not 0 <= num_decode <= num_tokens:
+        raise ValueError(f"a step has 0 <= num_decode <= num_tokens and num_tokens > 0, got {num_decode} / {num_tokens}")
+    if num_decode == num_tokens:
+        return "decode-only"
+    return "mixed" if num_decode >= PREFILL_HEAVY_BELOW * num_tokens else "prefill-heavy"
+
+
+def class_figures(records, step_ms: list[float]) -> dict[str, dict]:
+    """Per step class: steps, tokens, ms of the steps (device time on a GPU), tokens/s over those ms,
+    steps run under the plan and steps run as CUDA graphs. `records` are the runner's StepRecords
+    (num_tokens, num_decode, plan, graph) in step order, `step_ms` each step's time, same order."""
+    if len(records) != len(step_ms):
+        raise ValueError(f"{len(records)} step records but {len(step_ms)} step times")
+    out = {c: {"steps": 0, "tokens": 0, "ms": 0.0, "plan_steps": 0, "graph_steps": 0} for c in STEP_CLASSES}
+    for rec, ms in zip(records, step_ms):
+        c = out[step_class(rec.num_tokens, rec.num_decode)]
+        c["steps"] += 1
+        c["tokens"] += rec.num_tokens
+        c["ms"] += ms
+        c["plan_steps"] += int(bool(rec.plan))
+        c["graph_steps"] += int(bool(rec.graph))
+    total = {"steps": sum(c["steps"] for c in out.values()), "tokens": sum(c["tokens"] for c in out.values()),
+             "ms": sum(c["ms"] for c in out.values()), "plan_steps": sum(c["plan_steps"] for c in out.values()),
+             "graph_steps": sum(c["graph_steps"] for c in out.values())}
+    out["all steps"] = total
+    for c in out.values():
+        c["tokens_per_s"] = c["tokens"] / (c["ms"] / 1e3) if c["ms"] > 0 else None
+    return out
+
+
+def class_ratios(main: dict[str, dict], compare: dict[str, dict]) -> dict[str, float | None]:
+    """tokens/s of `main` / tokens/s of `compare` per step class (None where either has no steps)."""
+    out = {}
+    for name, m in main.items():
+        c = compare.get(name, {})
+        a, b = m.get("tokens_per_s"), c.get("tokens_per_s")
+        out[name] = a / b if a and b else None
+    return out
+
+
+def format_classes(runs: list[tuple[str, dict]], ratios: dict[str, float | None] | None,
+                   end_to_end: float | None, timing: str) -> list[str]:
+    """The per-class table: steps, share of the run's step time and tokens/s of each run, and the
+    ratio main / compare per class and end to end."""
+    header = ["step class", "rule"]
+    for label, _ in runs:
+        header += [f"{label} steps", f"{label} time %", f"{label} tok/s"]
+    if ratios is not None:
+        header.append("ratio")
+    rows = []
+    for name in (*STEP_CLASSES, "all steps"):
+        row = [name, CLASS_RULES.get(name, f"sum of step {timing}")]
+        for _, figs in runs:
+            c = figs[name]
+            total_ms = figs["all steps"]["ms"] or 1.0
+            row += [str(c["steps"]), f"{100.0 * c['ms'] / total_ms:.1f}",
+                    "n/a" if c["tokens_per_s"] is None else f"{c['tokens_per_s']:,.0f}"]
+        if ratios is not None:
+            row.append("n/a" if ratios.get(name) is None else f"{ratios[name]:.3f}x")
+        rows.append(row)
+    if ratios is not None and end_to_end is not None:
+        rows.append(["end to end", "total tok/s, wall time"] + [""] * (3 * len(runs)) + [f"{end_to_end:.3f}x"])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return [f"per step class (tokens / {timing} of the steps; decode share = decode rows / step tokens):",
+            line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]

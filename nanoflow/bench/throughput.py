@@ -26,7 +26,8 @@ import torch
 from nanoflow.bench.gemm_peak import GemmPeak, device_name, measure_gemm_peak
 from nanoflow.bench.hf_baseline import empty_cache, run_hf_baseline, synchronize
 from nanoflow.bench.host_load import HostLoadMeter
-from nanoflow.bench.step_stats import StepStats, step_statistics
+from nanoflow.bench.busy_share import format_busy, measure_busy_share
+from nanoflow.bench.step_stats import StepStats, class_figures, class_ratios, format_classes, step_statistics
 from nanoflow.bench.conversations import (ConversationRun, format_kv_reuse, kv_counters, kv_reuse,
                                           run_conversations)
 from nanoflow.bench.workloads import (BenchRequest, Conversation, ConversationTurn, Workload, parse_workload,
@@ -37,6 +38,10 @@ WARMUP_MAX_OUTPUT_TOKENS = 64
 """Warm-up requests generate at most this many tokens (enough to exercise prefill and decode)."""
 WARMUP_SEED_OFFSET = 1_000_003
 """Warm-up prompts use seed + this, so they differ from the timed ones."""
+BUSY_SHARE_MAX_OUTPUT_TOKENS = 128
+"""Requests of the busy-share sample generate at most this many tokens."""
+BUSY_SHARE_EVERY = 8
+"""The busy-share sample profiles every this-many-th step."""
 
 # EngineConfig fields with a dedicated benchmark flag (engine_args may not set them).
 _DEDICATED_ENGINE_FIELDS = ("model", "load_format", "dtype", "device", "seed", "max_model_len",
@@ -84,6 +89,10 @@ class ThroughputOptions:
     """The transformers baseline runs the first this-many requests; rates (tokens/s) are compared."""
     warmup_requests: int = 32
     """Requests of an untimed warm-up generate before each timed engine run (0: none)."""
+    busy_share_requests: int = 256
+    """With --compare on a GPU: after each timed run, an untimed sample of the first this-many requests
+    (at most 128 output tokens, run synchronously) with every 8th step under torch.profiler, for the
+    GPU's busy share inside a step (0: none)."""
     temperature: float = 1.0
     """Sampling temperature of every request (0: greedy); the HF baseline samples the same way."""
     output_json: str | None = None
@@ -101,6 +110,8 @@ class ThroughputOptions:
         for name in ("num_requests", "hf_batch_size", "hf_num_requests"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.busy_share_requests, int) or self.busy_share_requests < 0:
+            raise ValueError(f"busy_share_requests must be a non-negative integer, got {self.busy_share_requests!r}")
         if not isinstance(self.warmup_requests, int) or self.warmup_requests < 0:
             raise ValueError(f"warmup_requests must be a non-negative integer, got {self.warmup_requests!r}")
         if self.baseline not in (None, "hf"):
@@ -158,6 +169,15 @@ class TimedRun:
     """Prefill tokens computed vs prompt tokens, prefix-cache and host-tier counters of this run."""
     variant: str | None = None
     """What a KV comparison changed in this run ('prefix caching on', 'host tier off', ...)."""
+    step_classes: dict | None = None
+    """Per step class (decode-only / mixed / prefill-heavy): steps, tokens, step ms, tokens/s
+    (bench.step_stats.class_figures); device time on a GPU, host time on CPU."""
+    step_timing: str | None = None
+    """'device time' (CUDA events around each step) or 'host time'."""
+    busy: dict | None = None
+    """GPU busy share inside a step per class, from the profiled sample (bench.busy_share)."""
+    graphs: list | None = None
+    """CUDA-graph mode and graph count per plan of the engine (None without graphs)."""
 
     def metrics(self, num_params: int, num_gpus: int = 1) -> dict:
         """The figures BENCHMARKING.md asks for, as a flat dict. Tensor parallel over num_gpus GPUs:
@@ -190,6 +210,10 @@ class TimedRun:
             "host_load": self.host_load,
             "variant": self.variant,
             "kv": self.kv,
+            "step_classes": self.step_classes,
+            "step_timing": self.step_timing,
+            "busy": self.busy,
+            "graphs": self.graphs,
         }
 
 
@@ -251,6 +275,9 @@ def run_throughput(**kwargs) -> dict:
         runs["compare"] = compared.metrics(num_params, num_gpus)
         runs["compare"]["ratio"] = runs["main"]["total_tokens_per_s"] / runs["compare"]["total_tokens_per_s"]
         runs["compare"]["ratio_means"] = f"total tokens/s of plan {opts.plan!r} / plan {opts.compare!r}"
+        if runs["main"]["step_classes"] and runs["compare"]["step_classes"]:
+            runs["compare"]["class_ratios"] = class_ratios(runs["main"]["step_classes"],
+                                                           runs["compare"]["step_classes"])
         _print_run(f"nanoflow ({opts.compare})", runs["compare"])
     baseline = None
     if opts.baseline == "hf":
@@ -395,6 +422,11 @@ def _timed_run(llm, plan: str, requests: list[BenchRequest], warmup: list[BenchR
     steps = step_statistics(step_log[first_step:]) if step_log is not None else None
     stats = llm.engine.stats() if hasattr(llm.engine, "stats") else None
     gpu_idle = llm.engine.gpu_idle_stats() if device.type == "cuda" else None
+    classes, timing = _step_classes(llm, device, step_log[first_step:] if step_log is not None else [])
+    busy = None
+    if opts.compare is not None and device.type == "cuda" and opts.busy_share_requests and not conversations:
+        busy = _busy_share(llm, requests[:opts.busy_share_requests], opts.temperature)
+    graphs = getattr(runner, "graphs", None)
     return TimedRun(
         plan=plan, requests=counts.requests, input_tokens=counts.input_tokens, output_tokens=counts.output_tokens,
         expected_output_tokens=counts.expected_output_tokens,
@@ -402,7 +434,36 @@ def _timed_run(llm, plan: str, requests: list[BenchRequest], warmup: list[BenchR
         plan_steps=None if plan_steps_before is None else runner.plan_steps - plan_steps_before,
         host_load=load.result.to_dict() if device.type == "cpu" and load.result is not None else None,
         engine_stats=dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else None,
-        kv=kv_reuse(kv_before, kv_counters(stats), counts.input_tokens))
+        kv=kv_reuse(kv_before, kv_counters(stats), counts.input_tokens),
+        step_classes=classes, step_timing=timing, busy=busy,
+        graphs=graphs.describe() if graphs is not None else None)
+
+
+def _step_classes(llm, device: torch.device, host_steps: list) -> tuple[dict | None, str | None]:
+    """Per-class figures of the timed run's steps: the runner's step records with each step's device
+    time (CUDA events) on a GPU, its host time on CPU; None when the engine keeps no records."""
+    records = getattr(getattr(llm.engine, "runner", None), "step_log", None)
+    if records is None:
+        return None, None
+    if device.type == "cuda":
+        step_ms, timing = llm.engine.gpu_step_ms(), "device time"
+    else:
+        step_ms, timing = [(end - start) * 1e3 for start, end, *_ in host_steps], "host time"
+    if not step_ms or len(records) < len(step_ms):
+        return None, None
+    return class_figures(list(records)[-len(step_ms):], step_ms), timing
+
+
+def _busy_share(llm, requests: list[BenchRequest], temperature: float) -> dict:
+    prompts, params = _generate_inputs(
+        [dataclasses.replace(r, output_len=min(r.output_len, BUSY_SHARE_MAX_OUTPUT_TOKENS)) for r in requests],
+        temperature)
+    print(f"[bench] busy share: {len(prompts)} untimed requests (at most {BUSY_SHARE_MAX_OUTPUT_TOKENS} output "
+          f"tokens), every {BUSY_SHARE_EVERY}th step under torch.profiler ...", flush=True)
+    t0 = time.perf_counter()
+    busy = measure_busy_share(llm, prompts, params, every=BUSY_SHARE_EVERY)
+    print(f"[bench] busy share: {busy['profiled_steps']} steps profiled in {time.perf_counter() - t0:.1f} s", flush=True)
+    return busy
 
 
 def _batch_counts(requests: list[BenchRequest], outputs) -> ConversationRun:
@@ -517,6 +578,20 @@ def format_table(result: dict) -> str:
         if run is not None and run.get("kv"):
             out.append(format_kv_reuse(f"nanoflow {run.get('variant') or run['plan']}", run["kv"]))
     compare = result.get("compare")
+    if result.get("step_classes"):
+        runs = [(result["plan"], result["step_classes"])]
+        if compare is not None and compare.get("step_classes") and not compare.get("variant"):
+            runs.append((compare["plan"], compare["step_classes"]))
+        ratios = compare.get("class_ratios") if compare is not None and len(runs) == 2 else None
+        out += format_classes(runs, ratios, compare["ratio"] if ratios is not None else None,
+                              result.get("step_timing") or "time")
+    for run in (result, compare):
+        line_busy = run is not None and format_busy(run["plan"], run.get("busy"))
+        if line_busy:
+            out.append(line_busy)
+    for g in ((compare or result).get("graphs") or ()):  # one engine: the latest run lists every plan
+        out.append(f"CUDA graphs, plan {g['plan']!r}: {g['mode']}, {g['graphs']} shapes captured"
+                   + (f" ({g['reason']})" if g.get("reason") else ""))
     if compare is not None and compare.get("variant"):
         out.append(f"{compare['ratio_means']}: {compare['ratio']:.3f}x")
         if compare.get("prefill_ratio") is not None:
@@ -572,6 +647,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="the HF baseline runs the first N requests; rates are compared (default %(default)s)")
     parser.add_argument("--warmup-requests", type=int, default=d.warmup_requests,
                         help="untimed warm-up requests before each timed run (default %(default)s)")
+    parser.add_argument("--busy-share-requests", type=int, default=d.busy_share_requests,
+                        help="with --compare on a GPU: untimed sample of this many requests after each timed "
+                             "run, every 8th step profiled, for the GPU's busy share inside a step (0: none; "
+                             "default %(default)s)")
     parser.add_argument("--temperature", type=float, default=d.temperature,
                         help="sampling temperature of every request, 0 = greedy (default %(default)s)")
     parser.add_argument("--output-json", default=None, metavar="PATH", help="write the result JSON here")
@@ -605,7 +684,8 @@ def run_from_args(args: argparse.Namespace) -> int:
             max_model_len=args.max_model_len, plan=args.plan, compare=args.compare, baseline=args.baseline,
             compare_prefix_caching=args.compare_prefix_caching, compare_host_tier=args.compare_host_tier,
             hf_batch_size=args.hf_batch_size, hf_num_requests=args.hf_num_requests,
-            warmup_requests=args.warmup_requests, temperature=args.temperature, output_json=args.output_json,
+            warmup_requests=args.warmup_requests, busy_share_requests=args.busy_share_requests,
+            temperature=args.temperature, output_json=args.output_json,
             trace_dir=args.trace_dir, engine_args=engine_args_from(args),
             use_tqdm=not args.disable_tqdm, command=command_line())
     except (ValueError, FileNotFoundError) as e:

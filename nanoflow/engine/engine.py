@@ -489,6 +489,13 @@ class LLMEngine:
         """Record a device event around every step from now on (benchmarks: GPU idle between steps)."""
         self._gpu_timeline = []
 
+    def gpu_step_ms(self) -> list[float]:
+        """Device time of each step on the recorded timeline (its start event to its end event)."""
+        if not self._gpu_timeline:
+            return []
+        torch.cuda.synchronize(self.device)
+        return [a.elapsed_time(b) for a, b in self._gpu_timeline]
+
     def gpu_idle_stats(self) -> dict | None:
         """Device time inside steps vs. idle between consecutive steps, over the recorded timeline."""
         if not self._gpu_timeline:

@@ -185,7 +185,7 @@ class ModelRunner:
             else:
                 executor = self.sequential
         state = StepState(batch, self.workspace, self.kv_caches)
-        graph = self.graphs is not None and self.graphs.can_run(executor, batch)
+        graph = self.graphs is not None and not executor.record_timeline and self.graphs.can_run(executor, batch)
         if graph:
             self.graphs.run(executor, batch)
         else:
