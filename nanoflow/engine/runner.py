@@ -111,8 +111,12 @@ class ModelRunner:
         if self.graphs is None:
             return
         t0 = time.perf_counter()
+        free0 = torch.cuda.mem_get_info(self.device)[0]
         for ex in [self.executor] if self.executor.is_sequential() else [self.executor, self.sequential]:
             self.graphs.prepare(ex)
+        self.graphs.stats["prepare_s"] = self.graphs.stats.get("prepare_s", 0.0) + time.perf_counter() - t0
+        self.graphs.stats["prepare_device_bytes"] = self.graphs.stats.get("prepare_device_bytes", 0) + \
+            free0 - torch.cuda.mem_get_info(self.device)[0]
         logger.info("CUDA graphs ready in %.1f s: %s", time.perf_counter() - t0, self.graphs.describe())
 
     def build_batch(self, sched: SchedulerOutput, pending_source: dict | None = None,
