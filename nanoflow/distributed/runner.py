@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanoflow.engine.errors import StepFatalError
 from nanoflow.engine.forward_batch import ForwardBatch
 from nanoflow.engine.kv_cache import KVCacheManager
 from nanoflow.engine.runner import ModelRunner
@@ -80,10 +81,13 @@ class TPModelRunner(ModelRunner):
             packed = torch.cat([getattr(batch, f).reshape(-1).to(torch.int64) for f in _INT_FIELDS])
             self.tp.broadcast(packed)
             return super().forward(batch, force_plan)
-        except BaseException:
+        except BaseException as exc:
             # The ranks are out of step (a worker may wait inside a collective, not for a message):
             # stop them now rather than let a later step pair its collectives with the wrong ones.
             self.tp.shutdown(notify=False)
+            if isinstance(exc, Exception) and not isinstance(exc, StepFatalError):
+                # Without its workers the engine cannot step again: not a failure of one step.
+                raise StepFatalError(f"tensor-parallel step failed, workers stopped: {exc}") from exc
             raise
 
     def share_calls(self, calls: list[tuple[int, int, int, int]]) -> None:

@@ -14,6 +14,7 @@ import torch
 
 from nanoflow.config import EngineConfig
 from nanoflow.engine.detokenizer import IncrementalDetokenizer, check_stop_token
+from nanoflow.engine.errors import StepFatalError
 from nanoflow.engine import prompt_logprobs as prompt_lp
 from nanoflow.engine.kv_cache import KVCacheManager
 from nanoflow.engine.kv_host_tier import HostKVTier
@@ -35,7 +36,7 @@ _MAX_STEP_RECORDS = 1_000_000
 # A failing step fails only its requests; this many failing steps in a row (or a device error, after
 # which CUDA refuses all work) mean the engine itself is broken: step() raises EngineFatalError.
 _MAX_CONSECUTIVE_STEP_FAILURES = 3
-_DEVICE_ERRORS = tuple(t for t in (getattr(torch, "AcceleratorError", None),) if t is not None)
+_DEVICE_ERRORS = (StepFatalError,) + tuple(t for t in (getattr(torch, "AcceleratorError", None),) if t is not None)
 
 
 def _start_tensor_parallel(config: EngineConfig, source):

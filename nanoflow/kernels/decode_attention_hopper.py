@@ -355,7 +355,10 @@ if gluon is not None:
         gl.store(part_id_ptr + pid * 2, slot0)
         gl.store(part_id_ptr + pid * 2 + 1, slot1)
 
-    @gluon.jit
+    # Batch-dependent ints and row-sliced metadata pointers must not pick a new specialisation (a
+    # mid-run compile of this kernel costs about a second).
+    @gluon.jit(do_not_specialize=["num_requests", "stride_bt"],
+               do_not_specialize_on_alignment=["bt_ptr", "lens_ptr", "num_requests", "stride_bt"])
     def _decode_kernel(q_desc, k_desc, v_desc, bt_ptr, lens_ptr, qscale_ptr, out_ptr,
                        part_o_ptr, part_ml_ptr, part_id_ptr,
                        num_requests, stride_bt, stride_or, stride_oh, score_scale, out_scale,
@@ -403,6 +406,10 @@ _GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float8
 
 def _gl_dtype(dtype: torch.dtype):
     return getattr(gl, _GL_DTYPES[dtype])
+
+
+_BLOCK_R = 512
+"""Requests per chunk of the in-kernel work split (it loops over chunks)."""
 
 
 def _descriptor(t2d: torch.Tensor, box: list[int]):
@@ -470,7 +477,7 @@ def paged_decode_attention(
     part_o = torch.empty((nprog, 2, group, head_dim), dtype=torch.float32, device=dev)
     part_ml = torch.empty((nprog, 2, group, 2), dtype=torch.float32, device=dev)
     part_id = torch.empty((nprog, 2), dtype=torch.int32, device=dev)
-    block_r = max(128, min(1024, triton.next_power_of_2(num_requests)))
+    block_r = _BLOCK_R  # fixed: a batch-dependent constexpr would compile one kernel per size
     _decode_kernel[(nprog,)](
         q_desc, k_desc, v_desc, block_tables, seq_lens, q_scales, out, part_o, part_ml, part_id,
         num_requests, block_tables.stride(0), out.stride(0), out.stride(1),

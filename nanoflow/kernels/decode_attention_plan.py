@@ -171,7 +171,7 @@ def merge(part_o: torch.Tensor, part_ml: torch.Tensor, part_id: torch.Tensor, ou
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"], do_not_specialize_on_alignment=["num_rows"])
 def _quantize_kernel(q_ptr, q8_ptr, scale_ptr, num_rows, stride_row,
                      HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
