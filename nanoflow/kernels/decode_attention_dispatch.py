@@ -89,9 +89,11 @@ def use_hopper(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 
 def hopper_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, *, out=None, max_programs=None,
-                  k_scale=1.0, v_scale=1.0):
+                  k_scale=1.0, v_scale=1.0, num_rows=None, row0=0):
     """The Hopper kernel on max_programs SMs (an SM budget), else on the current stream's green
-    context's SMs, else on the whole device."""
+    context's SMs, else on the whole device. num_rows / row0: its CUDA-graph form (rows below a
+    device-side count)."""
     num_sms = max_programs if max_programs is not None else _stream_sms(q.device)
     return hopper.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, num_sms=num_sms,
-                                         out=out, k_scale=k_scale, v_scale=v_scale)
+                                         out=out, k_scale=k_scale, v_scale=v_scale, num_rows=num_rows,
+                                         row0=row0)

@@ -357,17 +357,20 @@ if gluon is not None:
 
     # Batch-dependent ints and row-sliced metadata pointers must not pick a new specialisation (a
     # mid-run compile of this kernel costs about a second).
-    @gluon.jit(do_not_specialize=["num_requests", "stride_bt"],
-               do_not_specialize_on_alignment=["bt_ptr", "lens_ptr", "num_requests", "stride_bt"])
+    @gluon.jit(do_not_specialize=["num_requests", "stride_bt", "row0"],
+               do_not_specialize_on_alignment=["bt_ptr", "lens_ptr", "num_requests", "stride_bt", "row0"])
     def _decode_kernel(q_desc, k_desc, v_desc, bt_ptr, lens_ptr, qscale_ptr, out_ptr,
-                       part_o_ptr, part_ml_ptr, part_id_ptr,
-                       num_requests, stride_bt, stride_or, stride_oh, score_scale, out_scale,
+                       part_o_ptr, part_ml_ptr, part_id_ptr, nrows_ptr,
+                       num_requests, row0, stride_bt, stride_or, stride_oh, score_scale, out_scale,
                        NUM_KV_HEADS: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                        BLOCK_SIZE: gl.constexpr, STAGES: gl.constexpr, FP8: gl.constexpr,
-                       BLOCK_R: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                       BLOCK_R: gl.constexpr, ROWS_FROM_DEVICE: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                       num_warps: gl.constexpr):
         BT: gl.constexpr = _BT
         KSPLIT: gl.constexpr = 1 if FP8 else HEAD_DIM // 64
         KW: gl.constexpr = HEAD_DIM // KSPLIT
+        if ROWS_FROM_DEVICE:  # CUDA-graph form: rows row0.. below the device's count are the requests
+            num_requests = gl.minimum(gl.maximum(gl.load(nrows_ptr) - row0, 0), num_requests)
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
         r, h, t, n, length, next_len, num_tiles = _plan_start(lens_ptr, num_requests, pid, nprog, NUM_KV_HEADS,
@@ -434,12 +437,17 @@ def paged_decode_attention(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     config: HopperDecodeConfig | None = None,
+    num_rows: torch.Tensor | None = None,
+    row0: int = 0,
 ) -> torch.Tensor:
     """q [R, Hq, D]; caches [num_blocks, block_size, Hk, D] (q's dtype, or e4m3 holding K / k_scale
     and V / v_scale); block_tables [R, max_blocks] int32; seq_lens [R] int32. Returns [R, Hq, D].
 
     num_sms: SMs the kernel may use (its persistent grid is config.ctas_per_sm per SM); None = all
-    of the device. Pass the partition's size when launching on a green-context stream."""
+    of the device. Pass the partition's size when launching on a green-context stream.
+    num_rows / row0 (CUDA-graph form): the R rows given are rows row0.. of a batch whose first
+    num_rows[0] rows (an int32 device scalar) are decode rows; only those are computed and the
+    other rows of `out` are left as they are, so the launch depends on no device value."""
     from nanoflow.kernels.decode_attention import check_decode_args  # noqa: PLC0415 - avoids a cycle
     if gluon is None:
         raise RuntimeError(f"Gluon is not available: {_IMPORT_ERROR}")
@@ -453,6 +461,11 @@ def paged_decode_attention(
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     if num_requests == 0:
         return out
+    if num_rows is not None and (num_rows.dtype != torch.int32 or num_rows.numel() < 1
+                                 or num_rows.device != q.device):
+        raise ValueError("num_rows must be an int32 tensor on q's device")
+    if row0 < 0:
+        raise ValueError(f"row0 must be >= 0, got {row0}")
     cfg = config or HopperDecodeConfig()
     if seq_lens.dtype != torch.int32 or block_tables.dtype != torch.int32:  # the kernel reads int32
         seq_lens, block_tables = seq_lens.to(torch.int32), block_tables.to(torch.int32)
@@ -480,10 +493,12 @@ def paged_decode_attention(
     block_r = _BLOCK_R  # fixed: a batch-dependent constexpr would compile one kernel per size
     _decode_kernel[(nprog,)](
         q_desc, k_desc, v_desc, block_tables, seq_lens, q_scales, out, part_o, part_ml, part_id,
-        num_requests, block_tables.stride(0), out.stride(0), out.stride(1),
+        seq_lens if num_rows is None else num_rows,  # unread without a device-side count
+        num_requests, row0, block_tables.stride(0), out.stride(0), out.stride(1),
         float(scale * 1.4426950408889634 * k_scale), float(v_scale),
         NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        STAGES=cfg.stages, FP8=fp8, BLOCK_R=block_r, PRODUCER_REGS=cfg.producer_registers,
+        STAGES=cfg.stages, FP8=fp8, BLOCK_R=block_r,
+        ROWS_FROM_DEVICE=num_rows is not None, PRODUCER_REGS=cfg.producer_registers,
         num_warps=4, maxnreg=cfg.max_registers,
     )
     return plan.merge(part_o, part_ml, part_id, out, num_kv_heads)

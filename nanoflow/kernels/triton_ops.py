@@ -43,9 +43,14 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, *
 
 def paged_decode_attention_rows(q, k_cache, v_cache, block_tables, seq_lens, scale, *, num_rows, row0, out,
                                 max_programs: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0):
-    """CUDA-graph form (reference.paged_decode_attention_rows): the persistent stream-K kernel on a
-    fixed grid of max_programs programs (an SM budget or a green context's SMs; default: every SM),
-    computing only the rows below the device-side count num_rows."""
+    """CUDA-graph form (reference.paged_decode_attention_rows), computing only the rows below the
+    device-side count num_rows: the Hopper kernel where paged_decode_attention would run it, else the
+    persistent stream-K kernel; either on a fixed grid for max_programs SMs (an SM budget or a green
+    context's SMs; default: every SM)."""
+    if _dispatch.use_hopper(q, k_cache):
+        return _dispatch.hopper_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, out=out,
+                                       max_programs=max_programs, k_scale=k_scale, v_scale=v_scale,
+                                       num_rows=num_rows, row0=row0)
     if v_scale != 1.0:  # a scaled output would need a masked multiply: not needed (the engine's scales are 1)
         raise ValueError("paged_decode_attention_rows supports v_scale 1.0 only")
     programs = max_programs or _split_kv.num_sms(q.device)
