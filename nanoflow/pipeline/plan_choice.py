@@ -127,10 +127,11 @@ class StepCostModel:
         return split if side == "split" else (sms - split if side == "rest" and sms else None)
 
     def _factors(self, ex: PlanExecutor) -> tuple[float, float]:
-        """(iota, phi) of the plan's memory-stream ops next to compute (1, 0 when not measured, and
-        for disjoint green-context partitions, where both kernels keep their alone speed)."""
+        """(iota, phi) of the plan's memory-stream ops next to compute (1, 0 when not measured). A
+        green-context split keeps the SMs apart but not HBM: it takes the factors measured with
+        compute on the other SMs ('shared') at the split's size."""
         if ex.plan.sm_split is not None:
-            return 1.0, 0.0
+            return self.table.interference_factors("shared", ex.plan.sm_split) or (1.0, 0.0)
         side_budget, compute_budget = None, False
         for name, o in ex.plan.ops.items():
             if o.sm_budget is None:
