@@ -273,6 +273,9 @@ def test_tune_cli_end_to_end_on_cpu(tmp_path, monkeypatch, capsys):
         warnings.simplefilter("error")
         engine = LLMEngine(EngineConfig(model="default", device="cpu", max_num_batched_tokens=128, plan="auto"))
     assert engine.plan_name == stored.name
+    # ... and the stored profile drives its per-step plan choice
+    assert "profile stored for per-step plan choice" in text
+    assert cache.lookup_profile(engine, plans_dir) is not None
     # 8 heads do not split over 3 ranks: a clear error before any worker starts
     assert main(["tune", "--model", "default", "--device", "cpu", "--tensor-parallel-size", "3"]) == 2
     assert "cannot be split over 3" in capsys.readouterr().err

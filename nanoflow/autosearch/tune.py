@@ -153,10 +153,14 @@ def _tune(args: argparse.Namespace) -> int:
               flush=True)
         table = profile_engine(engine, wl, quick=args.quick, memory_budgets=budgets,
                                max_seconds=args.max_profile_seconds, progress=progress)
-        profile_path = Path(args.profile_json) if args.profile_json else \
-            cache.cache_dir(args.cache_dir).parent / "profiles" / key.filename()
+        if args.profile_json:
+            table.save(args.profile_json)
+            print(f"[tune] profile ({table.seconds:.1f} s) saved to {args.profile_json}")
+    if args.store if args.store is not None else engine.device.type == "cuda":
+        # The cache's copy is what serving's per-step plan choice reads (cache.lookup_profile).
+        profile_path = cache.profile_dir(args.cache_dir) / key.filename()
         table.save(profile_path)
-        print(f"[tune] profile ({table.seconds:.1f} s) saved to {profile_path}")
+        print(f"[tune] profile stored for per-step plan choice: {profile_path}")
     phases["profile"] = time.perf_counter() - t
     print(table.summary())
 
