@@ -334,13 +334,13 @@ class LLMEngine:
             r.params.needs_penalties for r in self.scheduler.running)
 
     def _launch(self, sched) -> _InFlight | None:
-        if not sched.scheduled:
+        if not sched.scheduled:  # no batch to build: the retired requests' input rows go back now
+            self.runner.inputs.release([*sched.finished, *sched.preempted])
             return None
         start = time.perf_counter()
         gpu_start = self._record_event()
         prev = self._inflight
-        pending = {r: j for j, r in enumerate(prev.sampling)} if prev is not None else None
-        batch = self.runner.build_batch(sched, pending, prev.token_ids if prev is not None else None)
+        batch = self.runner.build_batch(sched, prev.token_ids if prev is not None else None)
         logits = self.runner.forward(batch)
         sampling = [r for r, n in sched.scheduled if r.num_computed_tokens + n == r.num_tokens]
         out = self.sampler(logits, SamplingBatch(
