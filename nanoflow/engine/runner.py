@@ -57,8 +57,7 @@ def choose_num_blocks(model: LlamaForCausalLM, block_size: int, device: torch.de
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv: KVCacheManager, token_budget: int,
-                 executor: PlanExecutor | None = None, cuda_graphs: bool = False,
-                 kv_dtype: torch.dtype | None = None):
+                 cuda_graphs: bool = False, kv_dtype: torch.dtype | None = None):
         self.model = model
         self.kv = kv
         self.device = model.device
@@ -71,7 +70,8 @@ class ModelRunner:
         self.kv_all = torch.zeros((cfg.num_hidden_layers, 2, *shape), dtype=kv_dtype, device=self.device)
         self.kv_caches = [(self.kv_all[i, 0], self.kv_all[i, 1]) for i in range(cfg.num_hidden_layers)]
         self.workspace = model.new_workspace(token_budget)
-        self.executor = executor or make_executor(None, self.model.layers[0].ops, self.device)
+        self.executor = make_executor(None, self.model.layers[0].ops, self.device)
+        """The plan's executor (LLMEngine.set_plan replaces it)."""
         self.sequential = make_executor(None, self.model.layers[0].ops, self.device)
         # Per-token seconds of KV read and of GEMMs at the fixed ranking rates (see attention_share).
         rates = FixedRates()
