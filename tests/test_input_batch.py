@@ -119,3 +119,22 @@ def test_host_work_per_decode_step_does_not_grow_with_context():
     short_ms = min([short.total_ms] + [measure(256, 64, 32).total_ms for _ in range(2)])
     long_ms = min([long.total_ms] + [measure(256, 1024, 32).total_ms for _ in range(2)])
     assert long_ms < 3 * short_ms, (short_ms, long_ms)
+
+
+@settings(max_examples=60, deadline=None)
+@given(items=st.lists(st.integers(), max_size=12), data=st.data())
+def test_known_prefix_reads_like_the_sliced_list(items, data):
+    from nanoflow.outputs import KnownPrefix
+    n = data.draw(st.integers(0, len(items)))
+    view, want = KnownPrefix(items, n), items[:n]
+    start, stop = data.draw(st.integers(-15, 15)), data.draw(st.integers(-15, 15))
+    step = data.draw(st.sampled_from([None, 1, 2, -1]))
+    assert len(view) == n and list(view) == want and view == want and view[start:stop:step] == want[start:stop:step]
+    i = data.draw(st.integers(-15, 15))
+    if -n <= i < n:
+        assert view[i] == want[i]
+    else:
+        with pytest.raises(IndexError):
+            view[i]
+    items.append(99)  # the list grows past the prefix: the view does not change
+    assert view == want
