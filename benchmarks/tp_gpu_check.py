@@ -57,7 +57,7 @@ def tiny_checks(tp: int, rows: list[dict]) -> int:
 
 def preset_checks(model: str, tp: int, rows: list[dict], max_ctas: list[int | None]) -> int:
     from nanoflow.autosearch.profile import dense_batch, workload_class_for_engine
-    from nanoflow.autosearch.tune import time_plans
+    from nanoflow.entrypoints.tune import time_plans
     from nanoflow.pipeline.plan import load_plan
     failures = 0
     for ctas in max_ctas:

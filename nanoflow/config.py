@@ -134,8 +134,3 @@ class EngineConfig:
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
-
-
-def config_fields() -> list[dataclasses.Field]:
-    """The fields of EngineConfig with their docstrings attached (for the CLI)."""
-    return list(dataclasses.fields(EngineConfig))

@@ -19,7 +19,8 @@ from nanoflow.autosearch.profile import (ProfileTable, budget_key, decode_sizes,
 from nanoflow.models.llama import LlamaForCausalLM
 from nanoflow.models.presets import PRESETS
 from nanoflow.pipeline.executor import make_executor
-from nanoflow.pipeline.plan import SEQUENTIAL, Plan, resolve_plan
+from nanoflow.autosearch.cache import resolve_plan
+from nanoflow.pipeline.plan import SEQUENTIAL, Plan
 
 NUM_SMS = 132
 SATURATE = 44  # decode attention reaches full bandwidth from 44 SMs
@@ -282,7 +283,7 @@ def test_tune_cli_end_to_end_on_cpu(tmp_path, monkeypatch, capsys):
 
 
 def test_tune_never_stores_a_plan_picked_from_noise():
-    from nanoflow.autosearch.tune import MIN_STORED_SPEEDUP, choose_winner, required_speedup
+    from nanoflow.entrypoints.tune import MIN_STORED_SPEEDUP, choose_winner, required_speedup
     seq, plan = SimpleNamespace(name="sequential"), SimpleNamespace(name="auto-2")
     assert required_speedup(100.0, 100.0) == MIN_STORED_SPEEDUP
     assert required_speedup(100.0, 103.0) == pytest.approx(1.06)

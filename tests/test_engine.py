@@ -10,6 +10,7 @@ import torch
 from nanoflow import LLM, EngineConfig, SamplingParams
 from nanoflow.engine.engine import LLMEngine, QueueFullError
 from nanoflow.entrypoints.cli import main as cli_main
+from tests.greedy import greedy_tokens
 from tests.tiny_checkpoints import make_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -26,13 +27,7 @@ def _prompts(count: int, seed: int = 0) -> list[list[int]]:
 
 
 def _greedy(ckpt, prompts, **engine_kw) -> list[list[int]]:
-    kw = dict(dtype="float32", device="cpu", block_size=4, num_kv_blocks=256)
-    kw.update(engine_kw)
-    llm = LLM(model=str(ckpt), **kw)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
-    llm.engine.check_kv_invariant()
-    assert llm.engine.kv.pool.num_used == 0
-    return [o.outputs[0].token_ids for o in outs]
+    return greedy_tokens(ckpt, prompts, GREEDY.max_tokens, **engine_kw)
 
 
 def test_same_tokens_for_any_budget_and_batch(ckpt):
@@ -126,12 +121,11 @@ def test_stop_string_and_eos_through_engine(ckpt):
                         use_tqdm=False)[0].outputs[0]
     assert free.text == tok.decode(free.token_ids, skip_special_tokens=True)
     # Stop at a piece of the text the model produces anyway; the returned text ends before it.
-    piece = free.text[3:6]
-    if piece.strip():
-        stopped = llm.generate("hello world", SamplingParams(temperature=0, max_tokens=12, stop=[piece]),
-                               use_tqdm=False)[0].outputs[0]
-        assert stopped.finish_reason == "stop" and stopped.stop_reason == piece
-        assert stopped.text == free.text[:free.text.find(piece)]
+    piece = next(free.text[i:i + 3] for i in range(3, len(free.text) - 2) if free.text[i:i + 3].strip())
+    stopped = llm.generate("hello world", SamplingParams(temperature=0, max_tokens=12, stop=[piece]),
+                           use_tqdm=False)[0].outputs[0]
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == piece
+    assert stopped.text == free.text[:free.text.find(piece)]
     # A stop token id ends generation at its first occurrence.
     first = free.token_ids[4]
     out = llm.generate("hello world", SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[first]),

@@ -12,7 +12,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanoflow import LLM, SamplingParams
 from nanoflow.models.llama import LlamaForCausalLM
 from nanoflow.models.presets import PRESETS
 from nanoflow.pipeline.executor import make_executor, synthetic_batch
@@ -20,6 +19,7 @@ from nanoflow.pipeline.graphs import GraphSet, capture_sizes, prepare_shapes, sh
 from nanoflow.pipeline.nano_ops import BatchRows, GraphShape
 from nanoflow.pipeline.ops import RowScope
 from nanoflow.pipeline.plan import Plan, load_plan
+from tests.greedy import greedy_run
 from tests.tiny_checkpoints import make_checkpoint
 
 PLANS = ["sequential", "overlap-2", "nano-4", "overlap-split"]
@@ -185,15 +185,12 @@ def ckpt(tmp_path_factory):
 
 
 def _greedy(ckpt, plan: str, prompts, graphs: bool, budget: int = 24):
-    llm = LLM(model=str(ckpt), dtype="float32", device="cpu", num_kv_blocks=256, block_size=4,
-              max_num_batched_tokens=budget, plan=plan)
-    runner = llm.engine.runner
-    if graphs:  # the graph form without capture (CPU): fixed buffers, device-side counts, padding
-        runner.graphs = GraphSet(runner.model, runner.workspace, runner.kv_caches, runner.block_size, 64,
-                                 capture=False)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outs], runner
+    def use_graph_form(llm):  # the graph form without capture (CPU): fixed buffers, device-side counts, padding
+        r = llm.engine.runner
+        r.graphs = GraphSet(r.model, r.workspace, r.kv_caches, r.block_size, 64, capture=False)
+    tokens, llm = greedy_run(ckpt, prompts, 8, use_graph_form if graphs else None,
+                             max_num_batched_tokens=budget, plan=plan)
+    return tokens, llm.engine.runner
 
 
 def test_graph_form_gives_the_sequential_tokens(ckpt, tmp_path):

@@ -12,7 +12,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from nanoflow import LLM, EngineConfig, SamplingParams
+from nanoflow import EngineConfig
 from nanoflow.kernels.moe_reference import max_aligned_blocks, moe_align, moe_experts, route
 from nanoflow.models.config import ModelConfig
 from nanoflow.models.loader import init_dummy_weights, iter_safetensors, load_model
@@ -22,6 +22,7 @@ from nanoflow.models.registry import MODEL_CLASSES, model_class
 from nanoflow.pipeline.executor import make_executor
 from nanoflow.pipeline.plan import Plan, load_plan
 from nanoflow.pipeline.plan_fold import fold_plan
+from tests.greedy import greedy_tokens
 from tests.tiny_checkpoints import make_checkpoint
 
 CPU = torch.device("cpu")
@@ -192,11 +193,7 @@ def mixtral_ckpt(tmp_path_factory):
 
 
 def _greedy(path, plan: str, prompts, budget: int, **kw) -> list[list[int]]:
-    llm = LLM(model=str(path), dtype="float32", device="cpu", num_kv_blocks=256, block_size=4,
-              max_num_batched_tokens=budget, plan=plan, **kw)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outs]
+    return greedy_tokens(path, prompts, 6, max_num_batched_tokens=budget, plan=plan, **kw)
 
 
 def test_every_plan_gives_the_sequential_tokens_on_mixtral(mixtral_ckpt, tmp_path):

@@ -14,6 +14,7 @@ from nanoflow.models.llama import LlamaForCausalLM
 from nanoflow.models.presets import PRESETS
 from nanoflow.pipeline.executor import make_executor, synthetic_batch
 from nanoflow.pipeline.plan import Plan, load_plan
+from tests.greedy import greedy_tokens
 from tests.tiny_checkpoints import make_checkpoint
 
 OPS = ["input_norm", "qkv_gemm", "rope_kv_write", "decode_attn", "prefill_attn", "o_gemm", "post_norm",
@@ -137,11 +138,7 @@ def ckpt(tmp_path_factory):
 
 
 def _greedy(ckpt, plan: str, prompts, budget: int) -> list[list[int]]:
-    llm = LLM(model=str(ckpt), dtype="float32", device="cpu", num_kv_blocks=256, block_size=4,
-              max_num_batched_tokens=budget, plan=plan)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outs]
+    return greedy_tokens(ckpt, prompts, 8, max_num_batched_tokens=budget, plan=plan)
 
 
 def test_every_plan_gives_the_sequential_tokens(ckpt, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from nanoflow.entrypoints.cli import main  # noqa: E402
-from nanoflow.pipeline.show import draw_timeline  # noqa: E402
+from nanoflow.entrypoints.plan_show import draw_timeline  # noqa: E402
 
 
 def test_plan_show_writes_a_png(tmp_path, capsys):

@@ -73,7 +73,7 @@ def test_tp2_tokens_plans_and_search(ckpt):
 def _check_search(engine) -> None:
     from nanoflow.autosearch.milp import search
     from nanoflow.autosearch.profile import WorkloadClass, dense_batch, profile_engine
-    from nanoflow.autosearch.tune import time_plans
+    from nanoflow.entrypoints.tune import time_plans
     from nanoflow.pipeline.plan import SEQUENTIAL
 
     wl = WorkloadClass("custom", "custom", num_decode=16, num_prefill_tokens=24, decode_context=20,
@@ -91,7 +91,7 @@ def _check_search(engine) -> None:
     assert all(0 < t < float("inf") for t in ms)
     # The TP plan cuts the all-reduces at run time (both ranks run the recorded step).
     from nanoflow.pipeline.plan import load_plan
-    from nanoflow.pipeline.show import record_timeline
+    from nanoflow.entrypoints.plan_show import record_timeline
     entries = record_timeline(engine, wl, warmup=0, plan=load_plan("tp-nano-4"))
     for name in ("o_allreduce", "mlp_allreduce"):
         rows = sorted((e["lo"], e["hi"]) for e in entries if e["op"] == name and e["layer"] == 1)

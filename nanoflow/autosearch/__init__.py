@@ -1,7 +1,7 @@
 """Automatic pipeline search (NanoFlow §4.2): profile each op of a layer for nano-batch sizes and SM
 budgets (profile.py), choose nano-batches, order and SM shares with a MILP over the profile
 (milp.py: stage 1 without interference, stage 2 with measured interference), validate the best
-plans for real and cache the winner (tune.py, cache.py). `--plan auto` loads the cached plan.
+plans for real and cache the winner (entrypoints/tune.py, cache.py). `--plan auto` loads the cached plan.
 
 Names are imported lazily, so `--plan auto` (cache lookup) does not pull in scipy."""
 from __future__ import annotations

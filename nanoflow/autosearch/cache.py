@@ -1,7 +1,7 @@
 """Plan cache of `nanoflow tune`: one JSON file per (model shape, device, tp, dtype, dense batch,
 workload class), under $NANOFLOW_CACHE_DIR or ~/.cache/nanoflow/plans/.
 
-`--plan auto` (nanoflow.pipeline.plan.resolve_plan) calls lookup_plan(engine): the plan of the
+`--plan auto` (resolve_plan below) calls lookup_plan(engine): the plan of the
 workload class named by $NANOFLOW_PLAN_WORKLOAD (a --workload spec or a class name) when set and
 cached, else the 'mixed' class, else the most recently tuned class of that key; None when nothing
 fits (the caller falls back to sequential with a warning)."""
@@ -16,7 +16,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nanoflow.pipeline.plan import Plan
+from nanoflow.pipeline.plan import SEQUENTIAL, Plan, load_plan
 
 CACHE_ENV = "NANOFLOW_CACHE_DIR"
 WORKLOAD_ENV = "NANOFLOW_PLAN_WORKLOAD"
@@ -166,14 +166,6 @@ def lookup_plan(engine, workload: str | None = None, directory: str | Path | Non
     return plan
 
 
-def describe_entry(entry: dict) -> str:
-    k, m = entry["key"], entry.get("meta", {})
-    measured = m.get("measured_ms_per_step")
-    seq = m.get("sequential_ms_per_step")
-    ratio = f", {seq / measured:.3f}x sequential" if measured and seq else ""
-    return f"{entry['plan'].get('name')} [{k['workload_class']}]{ratio} ({entry.get('path', '')})"
-
-
 def profile_dir(directory: str | Path | None = None) -> Path:
     """Where `nanoflow tune` stores its profiles: beside the plan cache (…/nanoflow/profiles/)."""
     return cache_dir(directory).parent / "profiles"
@@ -204,3 +196,16 @@ def lookup_profile(engine, directory: str | Path | None = None):
         except (ValueError, OSError, TypeError, KeyError) as exc:
             warnings.warn(f"profile {path} is unusable ({exc}); ignoring it", stacklevel=2)
     return None
+
+
+def resolve_plan(spec: str, engine) -> Plan:
+    """load_plan, plus 'auto': the plan `nanoflow tune` cached for this model, device and batch, or
+    sequential with a warning when none fits. (Here, not in pipeline/: a plan file knows no cache.)"""
+    if spec != "auto":
+        return load_plan(spec)
+    plan = lookup_plan(engine)
+    if plan is None:
+        warnings.warn("no tuned plan cached for this model / device / batch size (run `nanoflow tune`); "
+                      "using the sequential plan", stacklevel=2)
+        return SEQUENTIAL
+    return plan

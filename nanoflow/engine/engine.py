@@ -26,8 +26,7 @@ from nanoflow.kernels import reference as reference_kernels
 from nanoflow.kernels import select_kernels
 from nanoflow.models.loader import load_model, load_tokenizer, resolve_model_source
 from nanoflow.pipeline.executor import make_executor
-from nanoflow.pipeline.plan import resolve_plan
-from nanoflow.outputs import CompletionOutput, Logprob, RequestOutput
+from nanoflow.outputs import CompletionOutput, KnownPrefix, Logprob, RequestOutput
 from nanoflow.sampling_params import SamplingParams
 
 
@@ -197,13 +196,13 @@ class LLMEngine:
 
     def set_plan(self, spec: str) -> None:
         """Switch the pipeline plan ('sequential', a built-in name, a JSON file, or 'auto')."""
+        from nanoflow.autosearch.cache import lookup_profile, resolve_plan  # the plan cache (no scipy)
         if spec not in self._executors:
             plan = resolve_plan(spec, self)
             self._executors[spec] = make_executor(plan, self.model.layers[0].ops, self.device)
         self.runner.executor = self._executors[spec]
         self.plan_name = self.runner.executor.name
         if not self.runner.executor.is_sequential() and self.runner.profile is None:
-            from nanoflow.autosearch.cache import lookup_profile  # per-step plan choice from the device's profile
             self.runner.set_profile(lookup_profile(self))
         self.runner.prepare_graphs()
 
@@ -334,13 +333,13 @@ class LLMEngine:
             r.params.needs_penalties for r in self.scheduler.running)
 
     def _launch(self, sched) -> _InFlight | None:
-        if not sched.scheduled:
+        if not sched.scheduled:  # no batch to build: the retired requests' input rows go back now
+            self.runner.inputs.release([*sched.finished, *sched.preempted])
             return None
         start = time.perf_counter()
         gpu_start = self._record_event()
         prev = self._inflight
-        pending = {r: j for j, r in enumerate(prev.sampling)} if prev is not None else None
-        batch = self.runner.build_batch(sched, pending, prev.token_ids if prev is not None else None)
+        batch = self.runner.build_batch(sched, prev.token_ids if prev is not None else None)
         logits = self.runner.forward(batch)
         sampling = [r for r, n in sched.scheduled if r.num_computed_tokens + n == r.num_tokens]
         out = self.sampler(logits, SamplingBatch(
@@ -460,11 +459,13 @@ class LLMEngine:
                 text = ""
             # Only tokens the host has read: not the PENDING_TOKEN placeholders of a step in flight
             # (streaming diffs these lists, so they must grow in step with the logprobs).
+            # A running sequence's known tokens never change again: a view, not a copy per step.
             num_known = len(seq.output_token_ids) - seq.num_pending_tokens
+            prefix = (lambda items: items[:num_known]) if finished else (lambda items: KnownPrefix(items, num_known))
             outputs.append(CompletionOutput(
-                index=i, text=text, token_ids=seq.output_token_ids[:num_known],
+                index=i, text=text, token_ids=prefix(seq.output_token_ids),
                 cumulative_logprob=st.cumulative_logprob if st.logprobs is not None else None,
-                logprobs=st.logprobs[:num_known] if st.logprobs is not None else None,
+                logprobs=prefix(st.logprobs) if st.logprobs is not None else None,
                 finish_reason=seq.status.value if finished else None, stop_reason=seq.stop_reason))
         done = self._done(group)
         if done:

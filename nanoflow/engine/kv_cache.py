@@ -171,7 +171,7 @@ class KVCacheManager:
         or None (and changes nothing) when the pool is short."""
         seq = self._seqs.get(request_id)
         held = len(seq.blocks) if seq is not None else 0
-        need = self.blocks_for_tokens(num_total_tokens) - held
+        need = -(-num_total_tokens // self.block_size) - held  # blocks_for_tokens, inlined: once per request and step
         if need <= 0:
             return []
         if need > self.pool.num_free:

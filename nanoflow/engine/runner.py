@@ -7,11 +7,11 @@ import dataclasses
 import logging
 import time
 
-import numpy as np
 import torch
 
 from nanoflow import memory_check
 from nanoflow.engine.forward_batch import ForwardBatch
+from nanoflow.engine.input_batch import InputBatch
 from nanoflow.engine.kv_cache import KVCacheManager
 from nanoflow.engine.scheduler import SchedulerOutput
 from nanoflow.models.llama import LlamaForCausalLM, StepState
@@ -57,8 +57,7 @@ def choose_num_blocks(model: LlamaForCausalLM, block_size: int, device: torch.de
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv: KVCacheManager, token_budget: int,
-                 executor: PlanExecutor | None = None, cuda_graphs: bool = False,
-                 kv_dtype: torch.dtype | None = None):
+                 cuda_graphs: bool = False, kv_dtype: torch.dtype | None = None):
         self.model = model
         self.kv = kv
         self.device = model.device
@@ -71,7 +70,8 @@ class ModelRunner:
         self.kv_all = torch.zeros((cfg.num_hidden_layers, 2, *shape), dtype=kv_dtype, device=self.device)
         self.kv_caches = [(self.kv_all[i, 0], self.kv_all[i, 1]) for i in range(cfg.num_hidden_layers)]
         self.workspace = model.new_workspace(token_budget)
-        self.executor = executor or make_executor(None, self.model.layers[0].ops, self.device)
+        self.executor = make_executor(None, self.model.layers[0].ops, self.device)
+        """The plan's executor (LLMEngine.set_plan replaces it)."""
         self.sequential = make_executor(None, self.model.layers[0].ops, self.device)
         # Per-token seconds of KV read and of GEMMs at the fixed ranking rates (see attention_share).
         rates = FixedRates()
@@ -86,6 +86,8 @@ class ModelRunner:
         """The device's profile table (nanoflow tune), or None: per-step plan choice (set_profile)."""
         self._cost: StepCostModel | None = None
         self._chooser: PlanChooser | None = None
+        self.inputs = InputBatch(kv, self.device)
+        """Persistent block tables and staging buffers of the step inputs."""
         self.graphs: GraphSet | None = None
         if cuda_graphs and self.device.type == "cuda":
             max_blocks = min(kv.pool.num_blocks, -(-cfg.max_position_embeddings // kv.block_size))
@@ -119,60 +121,12 @@ class ModelRunner:
             free0 - torch.cuda.mem_get_info(self.device)[0]
         logger.info("CUDA graphs ready in %.1f s: %s", time.perf_counter() - t0, self.graphs.describe())
 
-    def build_batch(self, sched: SchedulerOutput, pending_source: dict | None = None,
-                    prev_tokens: torch.Tensor | None = None) -> ForwardBatch:
-        """Host-side batch assembly (numpy), then one pinned copy per tensor to the device.
+    def build_batch(self, sched: SchedulerOutput, prev_tokens: torch.Tensor | None = None) -> ForwardBatch:
+        """The step's device tensors from the persistent input batch (engine/input_batch.py).
 
         Async scheduling: a request whose last token is still on the device (a PENDING_TOKEN
-        placeholder) takes it from prev_tokens[pending_source[request]], gathered on the device."""
-        reqs = [r for r, _ in sched.scheduled]
-        counts = np.array([n for _, n in sched.scheduled], dtype=np.int64)
-        starts = np.array([r.num_computed_tokens for r in reqs], dtype=np.int64)
-        qsl = np.zeros(len(reqs) + 1, dtype=np.int64)
-        np.cumsum(counts, out=qsl[1:])
-        num_tokens = int(qsl[-1])
-        seq_lens = starts + counts
-        # Position of every row: its request's start + offset within the request's chunk.
-        row_req = np.repeat(np.arange(len(reqs)), counts)
-        positions = starts[row_req] + (np.arange(num_tokens) - qsl[row_req])
-        input_ids = np.concatenate([np.asarray(r.token_slice(s, s + n), dtype=np.int64)
-                                    for r, s, n in zip(reqs, starts.tolist(), counts.tolist())])
-        tables = [self.kv.block_ids(r.request_id) for r in reqs]
-        width = max(len(t) for t in tables)
-        block_tables = np.zeros((len(reqs), width), dtype=np.int32)
-        for i, t in enumerate(tables):
-            block_tables[i, :len(t)] = t
-        slot_mapping = (block_tables[row_req, positions // self.block_size].astype(np.int64)
-                        * self.block_size + positions % self.block_size)
-        samples = np.array([s + n == r.num_tokens for r, s, n in zip(reqs, starts.tolist(), counts.tolist())])
-        logits_indices = qsl[1:][samples] - 1
-        batch = ForwardBatch(
-            input_ids=self._to_device(input_ids, torch.long),
-            positions=self._to_device(positions, torch.long),
-            slot_mapping=self._to_device(slot_mapping, torch.long),
-            block_tables=self._to_device(block_tables, torch.int32),
-            seq_lens=self._to_device(seq_lens, torch.int32),
-            query_start_loc=self._to_device(qsl, torch.int32),
-            query_start_loc_cpu=qsl.tolist(),
-            num_decode=sched.num_decode,
-            logits_indices=self._to_device(logits_indices, torch.long),
-            decode_context_tokens=int(seq_lens[:sched.num_decode].sum()),
-        )
-        if pending_source:
-            # The placeholder is a request's last token; only chunks that reach it need it.
-            pairs = [(int(qsl[i + 1]) - 1, pending_source[r]) for i, r in enumerate(reqs)
-                     if r.num_pending_tokens and int(seq_lens[i]) == r.num_tokens]
-            if pairs:
-                rows, src = zip(*pairs)
-                rows_t = self._to_device(np.asarray(rows), torch.long)
-                batch.input_ids[rows_t] = prev_tokens[self._to_device(np.asarray(src), torch.long)]
-        return batch
-
-    def _to_device(self, a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        t = torch.from_numpy(a).to(dtype)
-        if self.device.type == "cuda":  # pinned, so the copy never waits for the GPU queue
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
+        placeholder) takes it from prev_tokens, the tokens sampled by the previous batch built here."""
+        return self.inputs.prepare(sched, prev_tokens)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, force_plan: bool = False) -> torch.Tensor:

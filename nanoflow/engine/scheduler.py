@@ -8,6 +8,7 @@ continues from there), and a waiting request whose next block a running request 
 now waits a step for it rather than computing it twice (BatchLLM-style sharing inside one batch)."""
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -47,10 +48,17 @@ class SchedulerOutput:
     """How many leading entries have exactly one new token."""
     preempted: list[Request] = field(default_factory=list)
     """Requests that lost their blocks this step."""
+    finished: list[Request] = field(default_factory=list)
+    """Requests retired (stopped, length, aborted, failed) since the previous schedule(): the runner
+    frees their input-batch rows."""
 
     @property
     def num_tokens(self) -> int:
         return sum(n for _, n in self.scheduled)
+
+
+def _arrival(request: Request) -> int:
+    return request.arrival
 
 
 class Scheduler:
@@ -58,10 +66,11 @@ class Scheduler:
         self.config = config
         self.kv = kv
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []  # admission order: oldest first
+        self.running: list[Request] = []  # by arrival, oldest first (the newest is the preemption victim)
         self._projections: dict[str, int] = {}  # request id -> blocks it may still allocate, running only
         self._projected_blocks = 0  # their sum
         self._to_commit: dict[Request, None] = {}  # running requests with computed, uncommitted blocks
+        self._finished: list[Request] = []  # retired since the last schedule(): SchedulerOutput.finished
         self.stats = SchedulerStats()
 
     def add(self, request: Request) -> None:
@@ -80,6 +89,7 @@ class Scheduler:
             self.waiting.remove(request)
         self.kv.release(request)
         request.status = status
+        self._finished.append(request)
         if not self.has_unfinished():
             self.kv.flush()  # idle next: start the last host copies now
 
@@ -99,7 +109,8 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        out = SchedulerOutput(finished=self._finished)
+        self._finished = []
         budget = self.config.token_budget
         planned: dict[Request, int] = {}
         self.kv.poll()
@@ -107,44 +118,54 @@ class Scheduler:
             commit = self.kv.commit
             self._to_commit = {r: None for r in self._to_commit
                                if r.status == RequestStatus.RUNNING and not commit(r)}
-        # Running requests: single-token ones (decodes) first, then unfinished prefills; oldest first.
-        order = sorted(self.running, key=lambda r: (r.num_tokens - r.num_computed_tokens != 1, r.arrival))
-        for req in order:
+        # Running requests: single-token ones (decodes) first, then unfinished prefills; oldest first
+        # (self.running is kept in arrival order, so one pass instead of a sort).
+        running = self.running
+        decodes, others = [], []
+        for r in running:
+            (decodes if r.num_tokens - r.num_computed_tokens == 1 else others).append(r)
+        allocate = self.kv.allocate
+        for req in decodes + others if others else decodes:
             if budget == 0:
                 break
-            if req.status != RequestStatus.RUNNING:  # preempted earlier in this loop
+            if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = req.num_tokens - req.num_computed_tokens
+            if n > budget:
+                n = budget
             if n <= 0:
                 continue
-            while self.kv.allocate(req.request_id, req.num_computed_tokens + n) is None:
-                victim = max(self.running, key=lambda r: r.arrival)  # the newest
+            while allocate(req.request_id, req.num_computed_tokens + n) is None:
+                victim = running[-1]  # the newest
                 budget += planned.pop(victim, 0)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:
                     break
-            if req.status == RequestStatus.RUNNING:
+            if req.status is RequestStatus.RUNNING:
                 planned[req] = n
                 budget -= n
         self._admit(planned, budget)
         self.kv.flush()  # host copies of blocks released in this step
         caching, bs = self.kv.enable_prefix_caching, self.kv.block_size
         tokens = prefill = 0
+        decode_entries, chunks = [], []
+        to_commit = self._to_commit
         for req, n in planned.items():
             tokens += n
             start = req.num_computed_tokens
-            prompt = len(req.prompt_token_ids)
-            if start < prompt:
-                prefill += min(start + n, prompt) - start
+            if n == 1:
+                decode_entries.append((req, 1))
+            else:
+                chunks.append((req, n))
+            if start < len(req.prompt_token_ids):
+                prefill += min(start + n, len(req.prompt_token_ids)) - start
             if caching and (start + n) // bs > start // bs:  # completes a block: commit it next step
-                self._to_commit[req] = None
+                to_commit[req] = None
         self.stats.tokens_computed += tokens
         self.stats.prefill_tokens_computed += prefill
-        decodes = [(r, n) for r, n in planned.items() if n == 1]
-        chunks = [(r, n) for r, n in planned.items() if n > 1]
-        out.scheduled = decodes + chunks
-        out.num_decode = len(decodes)
+        out.scheduled = decode_entries + chunks if chunks else decode_entries
+        out.num_decode = len(decode_entries)
         return out
 
     def _admit(self, planned: dict[Request, int], budget: int) -> None:
@@ -174,7 +195,10 @@ class Scheduler:
             del self.waiting[i]
             req.num_computed_tokens = cached
             req.status = RequestStatus.RUNNING
-            self.running.append(req)
+            if self.running and req.arrival < self.running[-1].arrival:  # re-admitted after a preemption
+                bisect.insort(self.running, req, key=_arrival)
+            else:
+                self.running.append(req)
             self._projections[req.request_id] = projection
             self._projected_blocks += projection
             planned[req] = n
@@ -183,6 +207,8 @@ class Scheduler:
     def check_invariants(self) -> None:
         """Used by tests: KV accounting and the projection bookkeeping agree."""
         self.kv.check_invariant()
+        if any(a.arrival > b.arrival for a, b in zip(self.running, self.running[1:])):
+            raise AssertionError("running requests are not in arrival order")
         if set(self._projections) != {r.request_id for r in self.running}:
             raise AssertionError("projections are not those of the running requests")
         expected = sum(self._projections.values())

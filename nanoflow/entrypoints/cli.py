@@ -39,8 +39,8 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         "throughput": Command("offline throughput and %% of optimal", "nanoflow.bench.throughput"),
         "serve": Command("serving benchmark against a running server", "nanoflow.bench.serve"),
     },
-    "tune": Command("search a pipeline plan for this device (GPU)", "nanoflow.autosearch.tune"),
-    "plan": {"show": Command("draw a plan's nano-ops on their streams", "nanoflow.pipeline.show")},
+    "tune": Command("search a pipeline plan for this device (GPU)", "nanoflow.entrypoints.tune"),
+    "plan": {"show": Command("draw a plan's nano-ops on their streams", "nanoflow.entrypoints.plan_show")},
 }
 """Every command; a dict is a group of sub-commands (`nanoflow bench throughput`)."""
 

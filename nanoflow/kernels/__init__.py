@@ -9,10 +9,6 @@ import torch
 
 from nanoflow.kernels import reference
 
-KERNEL_NAMES = ("linear", "rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope_and_cache_write",
-                "paged_decode_attention", "paged_prefill_attention", "moe_experts")
-
-
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

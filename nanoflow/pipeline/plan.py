@@ -264,20 +264,3 @@ def load_plan(spec: str) -> Plan:
         return Plan.load(spec)
     names = sorted(p.stem for p in (Path(__file__).parent / "plans").glob("*.json"))
     raise ValueError(f"unknown plan {spec!r}: not 'sequential', a built-in plan ({', '.join(names)}) or a file")
-
-
-def resolve_plan(spec: str, engine) -> Plan:
-    """load_plan, plus 'auto': the plan `nanoflow tune` cached for this model, device and batch, or
-    sequential with a warning when none fits."""
-    if spec != "auto":
-        return load_plan(spec)
-    try:
-        from nanoflow.autosearch.cache import lookup_plan
-    except ImportError:
-        lookup_plan = None
-    plan = lookup_plan(engine) if lookup_plan is not None else None
-    if plan is None:
-        warnings.warn("no tuned plan cached for this model / device / batch size (run `nanoflow tune`); "
-                      "using the sequential plan", stacklevel=2)
-        return SEQUENTIAL
-    return plan

@@ -333,7 +333,7 @@ def _print_summary(seq, seq_ms, auto, hand, winner) -> None:
 
 
 def _draw(engine, wl, winner, table, out: str) -> None:
-    from nanoflow.pipeline.show import draw_timeline, record_timeline
+    from nanoflow.entrypoints.plan_show import draw_timeline, record_timeline
     entries = record_timeline(engine, wl, warmup=1, plan=winner.plan)
     path, stats = draw_timeline(entries, out, title=f"{winner.name} (measured), {wl.describe()}")
     print(f"[tune] measured timeline: {path} (layer {stats['layer']}, {stats['span_ms']:.3f} ms, "

@@ -1,0 +1,28 @@
+"""The one greedy run the token-equality tests share: a tiny checkpoint on CPU in fp32, small KV
+blocks, every request greedy with a fixed number of output tokens; afterwards the KV accounting
+is checked and every block is back in the pool."""
+from __future__ import annotations
+
+from typing import Callable
+
+from nanoflow import LLM, SamplingParams
+
+
+def greedy_run(model, prompts: list[list[int]], max_tokens: int = 8, prepare: Callable[[LLM], None] | None = None,
+               **engine_kw) -> tuple[list[list[int]], LLM]:
+    """(output tokens per prompt, the LLM). prepare(llm) runs before generating (e.g. to swap the
+    runner's graphs); engine_kw override the defaults (dtype, device, block_size, num_kv_blocks)."""
+    kw = dict(dtype="float32", device="cpu", block_size=4, num_kv_blocks=256)
+    kw.update(engine_kw)
+    llm = LLM(model=str(model), **kw)
+    if prepare is not None:
+        prepare(llm)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
+    llm.engine.check_kv_invariant()
+    assert llm.engine.kv.pool.num_used == 0
+    return [list(o.outputs[0].token_ids) for o in outs], llm
+
+
+def greedy_tokens(model, prompts: list[list[int]], max_tokens: int = 8, **engine_kw) -> list[list[int]]:
+    return greedy_run(model, prompts, max_tokens, **engine_kw)[0]
