@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not _HOPPER, reason="needs a Hopper GPU and the 
 
 @pytest.fixture(autouse=True)
 def _opt_in(monkeypatch):
-    """The dispatch uses the kernel only when opted in (NANOFLOW_HOPPER_DECODE=1)."""
+    """The kernel is on by default; make sure no outer NANOFLOW_HOPPER_DECODE=0 turns it off."""
     monkeypatch.setenv("NANOFLOW_HOPPER_DECODE", "1")
 DEV = torch.device("cuda")
 FP8 = torch.float8_e4m3fn
