@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from nanoflow.autosearch import cache
-from nanoflow.autosearch.milp import (Mode, check_plan, search, sequential_ms, simulate_plan,
-                                      solve_structure)
+from nanoflow.autosearch.layout import Mode
+from nanoflow.autosearch.milp import solve_structure
+from nanoflow.autosearch.search import check_plan, search, sequential_ms, simulate_plan
 from nanoflow.autosearch.profile import (ProfileTable, budget_key, decode_sizes, op_meta, token_sizes,
                                          workload_class_for)
 from nanoflow.models.llama import LlamaForCausalLM

@@ -1,7 +1,8 @@
 """Automatic pipeline search (NanoFlow §4.2): profile each op of a layer for nano-batch sizes and SM
 budgets (profile.py), choose nano-batches, order and SM shares with a MILP over the profile
-(milp.py: stage 1 without interference, stage 2 with measured interference), validate the best
-plans for real and cache the winner (entrypoints/tune.py, cache.py). `--plan auto` loads the cached plan.
+(milp.py over layout.py, driven by search.py: stage 1 without interference, stage 2 with measured
+interference), validate the best plans for real and cache the winner (entrypoints/tune.py,
+cache.py). `--plan auto` loads the cached plan.
 
 Names are imported lazily, so `--plan auto` (cache lookup) does not pull in scipy."""
 from __future__ import annotations
@@ -11,8 +12,8 @@ import importlib
 _EXPORTS = {
     "ProfileTable": "profile", "WorkloadClass": "profile", "profile_engine": "profile",
     "workload_class_for": "profile", "dense_batch": "profile",
-    "Candidate": "milp", "search": "milp", "sequential_candidate": "milp", "simulate_plan": "milp",
-    "check_plan": "milp",
+    "Candidate": "layout", "search": "search", "sequential_candidate": "search", "simulate_plan": "search",
+    "check_plan": "search",
     "lookup_plan": "cache", "store_plan": "cache", "PlanKey": "cache",
 }
 
