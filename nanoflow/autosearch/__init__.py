@@ -1,8 +1,8 @@
 """Automatic pipeline search (NanoFlow §4.2): profile each op of a layer for nano-batch sizes and SM
-budgets (profile.py), choose nano-batches, order and SM shares with a MILP over the profile
-(milp.py over layout.py, driven by search.py: stage 1 without interference, stage 2 with measured
-interference), validate the best plans for real and cache the winner (entrypoints/tune.py,
-cache.py). `--plan auto` loads the cached plan.
+budgets (profiler.py, into profile.py's table), choose nano-batches, order and SM shares with a MILP
+over the profile (milp.py over layout.py, driven by search.py: stage 1 without interference, stage 2
+with measured interference), validate the best plans for real and cache the winner
+(entrypoints/tune.py, cache.py). `--plan auto` loads the cached plan.
 
 Names are imported lazily, so `--plan auto` (cache lookup) does not pull in scipy."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "ProfileTable": "profile", "WorkloadClass": "profile", "profile_engine": "profile",
+    "ProfileTable": "profile", "WorkloadClass": "profile", "profile_engine": "profiler",
     "workload_class_for": "profile", "dense_batch": "profile",
     "Candidate": "layout", "search": "search", "sequential_candidate": "search", "simulate_plan": "search",
     "check_plan": "search",

@@ -115,8 +115,8 @@ def time_plans(engine, batch, plans: list, *, reps: int = 5, rounds: int = 2, wa
 # ---- the command ---------------------------------------------------------------------------------
 def _tune(args: argparse.Namespace) -> int:
     from nanoflow.autosearch import cache
-    from nanoflow.autosearch.profile import (MIXED, ProfileTable, dense_batch, profile_engine,
-                                             workload_class_for_engine)
+    from nanoflow.autosearch.profile import MIXED, ProfileTable, dense_batch, workload_class_for_engine
+    from nanoflow.autosearch.profiler import profile_engine
     from nanoflow.autosearch.search import pick_for_validation, search
     from nanoflow.engine.engine import LLMEngine
     from nanoflow.entrypoints.cli import engine_config_from_args
