@@ -1,8 +1,8 @@
 """AsyncEngine: one LLMEngine stepped by one background thread, fed by asyncio callers.
 
 LLMEngine is not thread-safe, so every engine call (add / abort / step) happens on the engine thread;
-callers post typed commands (AddRequest, AbortRequest, CallInEngine) to it through a lock-protected list and it sleeps on a condition when it has no
-work. After each step it hands the outputs to the event loop with a single `call_soon_threadsafe`, and
+callers post typed commands (AddRequest, AbortRequest, CallInEngine) to it through a lock-protected
+list and it sleeps on a condition when it has no work. After each step it hands the outputs to the event loop with a single `call_soon_threadsafe`, and
 the loop routes them to per-request mailboxes: the thread never waits on HTTP, and HTTP never waits on a
 step. Per-request timing (TTFT, inter-token, end-to-end) is measured on the loop side with the time the
 step ended and reported to observers once per step (a StepRecord).
