@@ -64,7 +64,7 @@ def test_every_command_class_is_dispatched():
 
 
 def test_add_failures_go_back_to_the_caller():
-    engine, fake, posted = _engine()
+    engine, _, posted = _engine()
     engine._apply([ae.AddRequest("bad", [], SamplingParams())])
     (name, (results,)), = posted
     assert name == "_resolve_adds" and results[0][0] == "bad" and isinstance(results[0][1], ValueError)

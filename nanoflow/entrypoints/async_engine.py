@@ -208,6 +208,31 @@ class AsyncEngine:
         """The engine's stats as of the end of its latest step or command batch (thread-safe)."""
         return self._stats
 
+    # ---- fixed facts of the engine (set at load time, so any thread may read them) ----------------
+    @property
+    def tokenizer(self) -> Any:
+        """The engine's tokenizer (a transformers tokenizer)."""
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest prompt + output, in tokens."""
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        """Prompt token ids must lie in [0, vocab_size)."""
+        return self.engine.model_config.vocab_size
+
+    @property
+    def max_seqs_per_request(self) -> int:
+        """The most sequences (prompts x n) one request may ask for."""
+        return self.engine.config.max_seqs_per_request
+
+    def validate_prompt(self, ids: list[int], max_tokens: int | None = None, param: str = "prompt") -> None:
+        """LLMEngine.validate_prompt (raises PromptError): the checks add_request makes, run early."""
+        self.engine.validate_prompt(ids, max_tokens, param)
+
     def add_observer(self, observer: EngineObserver) -> None:
         """observer.record(StepRecord) is called on the event loop once per step."""
         self._observers = (*self._observers, observer)
