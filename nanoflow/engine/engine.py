@@ -50,6 +50,16 @@ class QueueFullError(RuntimeError):
     """The waiting queue is at EngineConfig.max_waiting_requests; retry later."""
 
 
+class PromptError(ValueError):
+    """A prompt the engine refuses. `param` names the request field at fault and `code` is the
+    OpenAI error code, so the server answers 400 with exactly this message."""
+
+    def __init__(self, message: str, param: str = "prompt", code: str = "invalid_value"):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
 class EngineFatalError(RuntimeError):
     """The engine cannot go on (device error, or steps keep failing); restart the process."""
 
@@ -218,7 +228,7 @@ class LLMEngine:
             raise QueueFullError(f"waiting queue is full ({self.config.max_waiting_requests} requests)")
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        self._check_prompt(ids)
+        self.validate_prompt(ids)
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         group = _Group(request_id, text, ids)
@@ -242,16 +252,29 @@ class LLMEngine:
         for seq in group.seqs:
             self.scheduler.add(seq)
 
-    def _check_prompt(self, ids: list[int]) -> None:
+    def validate_prompt(self, ids: list[int], max_tokens: int | None = None, param: str = "prompt") -> None:
+        """Raises PromptError unless `ids` is a prompt this engine can serve: not empty, every id in
+        the vocabulary, and shorter than max_model_len (room for one output token). With max_tokens
+        (> 0), prompt + max_tokens must fit max_model_len too (add_request instead clamps max_tokens
+        to the room left). `param` is the request field holding the prompt, named in the empty and
+        out-of-vocabulary errors. The one prompt check: the server calls it before add_request does.
+        Reads only fixed configuration, so any thread may call it."""
         if not ids:
-            raise ValueError("prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; this model's maximum context length is "
-                             f"{self.max_model_len} tokens (prompt + at least one output token)")
+            raise PromptError(f"{param} must not be empty", param=param)
         vocab = self.model_config.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        if min(ids) < 0 or max(ids) >= vocab:  # C-speed scan first: prompts can be long
+            bad = next(t for t in ids if not 0 <= t < vocab)
+            raise PromptError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})", param=param)
+        limit = self.max_model_len
+        if len(ids) >= limit:
+            raise PromptError(f"This model's maximum context length is {limit} tokens. However, your "
+                              f"prompt has {len(ids)} tokens, leaving no room for output. Please shorten "
+                              "the prompt.", param="prompt", code="context_length_exceeded")
+        if max_tokens is not None and max_tokens > 0 and len(ids) + max_tokens > limit:
+            raise PromptError(f"This model's maximum context length is {limit} tokens. However, you "
+                              f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, "
+                              f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+                              param="max_tokens", code="context_length_exceeded")
 
     def abort_request(self, request_id: str) -> None:
         group = self._groups.pop(request_id, None)

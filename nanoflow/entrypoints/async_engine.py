@@ -1,8 +1,8 @@
 """AsyncEngine: one LLMEngine stepped by one background thread, fed by asyncio callers.
 
 LLMEngine is not thread-safe, so every engine call (add / abort / step) happens on the engine thread;
-callers post commands to it through a lock-protected list and it sleeps on a condition when it has no
-work. After each step it hands the outputs to the event loop with a single `call_soon_threadsafe`, and
+callers post typed commands (AddRequest, AbortRequest, CallInEngine) to it through a lock-protected
+list and it sleeps on a condition when it has no work. After each step it hands the outputs to the event loop with a single `call_soon_threadsafe`, and
 the loop routes them to per-request mailboxes: the thread never waits on HTTP, and HTTP never waits on a
 step. Per-request timing (TTFT, inter-token, end-to-end) is measured on the loop side with the time the
 step ended and reported to observers once per step (a StepRecord).
@@ -19,7 +19,7 @@ import time
 from collections import Counter as _Tally
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, get_args
 
 from nanoflow.engine.engine import EngineStats, LLMEngine
 from nanoflow.outputs import RequestOutput
@@ -38,6 +38,33 @@ class EngineDeadError(RuntimeError):
 
 class RequestCancelledError(RuntimeError):
     """The server ended the request before it finished (it is shutting down)."""
+
+
+# ---- commands the event loop posts to the engine thread (one class each, dispatched by _apply)
+@dataclass(frozen=True)
+class AddRequest:
+    """Add a request to the engine; the outcome is posted back to the loop's `accepted` future."""
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    """Abort a request (frees its KV blocks); an unknown id is ignored."""
+    request_id: str
+
+
+@dataclass(frozen=True)
+class CallInEngine:
+    """Run fn(engine) between steps and deliver its result (or exception) to `future`."""
+    fn: Callable[[LLMEngine], Any]
+    future: concurrent.futures.Future
+
+
+EngineCommand = AddRequest | AbortRequest | CallInEngine
+COMMAND_TYPES: tuple[type, ...] = get_args(EngineCommand)
+"""Every command class the engine thread handles (a test checks each is dispatched)."""
 
 
 @dataclass
@@ -61,6 +88,11 @@ class StepRecord:
 
 class EngineObserver(Protocol):
     def record(self, rec: StepRecord) -> None: ...
+
+
+def _unknown_command(command: object) -> str:
+    return (f"unknown engine command {command!r}; expected one of "
+            f"{', '.join(t.__name__ for t in COMMAND_TYPES)}")
 
 
 class _Mailbox:
@@ -132,7 +164,7 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self._cond = threading.Condition()
-        self._commands: list[tuple[Any, ...]] = []
+        self._commands: list[EngineCommand] = []
         self._stopping = False
         self._dead = False
         self._error: BaseException | None = None
@@ -176,6 +208,31 @@ class AsyncEngine:
         """The engine's stats as of the end of its latest step or command batch (thread-safe)."""
         return self._stats
 
+    # ---- fixed facts of the engine (set at load time, so any thread may read them) ----------------
+    @property
+    def tokenizer(self) -> Any:
+        """The engine's tokenizer (a transformers tokenizer)."""
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest prompt + output, in tokens."""
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        """Prompt token ids must lie in [0, vocab_size)."""
+        return self.engine.model_config.vocab_size
+
+    @property
+    def max_seqs_per_request(self) -> int:
+        """The most sequences (prompts x n) one request may ask for."""
+        return self.engine.config.max_seqs_per_request
+
+    def validate_prompt(self, ids: list[int], max_tokens: int | None = None, param: str = "prompt") -> None:
+        """LLMEngine.validate_prompt (raises PromptError): the checks add_request makes, run early."""
+        self.engine.validate_prompt(ids, max_tokens, param)
+
     def add_observer(self, observer: EngineObserver) -> None:
         """observer.record(StepRecord) is called on the event loop once per step."""
         self._observers = (*self._observers, observer)
@@ -195,7 +252,7 @@ class AsyncEngine:
         if request_id in self._tracked:
             raise ValueError(f"request_id {request_id!r} is already in use")
         state = _Tracked(_Mailbox(), loop.create_future(), time.perf_counter(), params.n)
-        if not self._submit(("add", request_id, prompt, params)):
+        if not self._submit(AddRequest(request_id, prompt, params)):
             raise EngineDeadError(self._dead_message())
         self._tracked[request_id] = state
         try:
@@ -229,7 +286,7 @@ class AsyncEngine:
         if accepted.done() and not accepted.cancelled() and accepted.exception() is None:
             rec = StepRecord(step_time_s=None, finished={"abort": state.num_seqs})
             self._notify(rec)
-        self._submit(("abort", request_id))
+        self._submit(AbortRequest(request_id))
 
     def cancel_all(self, error: BaseException) -> int:
         """Ends every tracked request with `error` (their streams raise it) and aborts them in the
@@ -246,12 +303,14 @@ class AsyncEngine:
     def call_in_engine_thread(self, fn: Callable[[LLMEngine], T]) -> concurrent.futures.Future[T]:
         """Runs fn(engine) on the engine thread between steps (for checks and admin tasks)."""
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-        if not self._submit(("call", fn, fut)):
+        if not self._submit(CallInEngine(fn, fut)):
             fut.set_exception(EngineDeadError(self._dead_message()))
         return fut
 
-    def _submit(self, command: tuple[Any, ...]) -> bool:
+    def _submit(self, command: EngineCommand) -> bool:
         """Queues a command for the engine thread; False once the thread has stopped taking them."""
+        if not isinstance(command, COMMAND_TYPES):
+            raise TypeError(_unknown_command(command))
         with self._cond:
             if self._dead or self._stopping:
                 return False
@@ -313,35 +372,41 @@ class AsyncEngine:
                     if not self._commands and not self._stopping:
                         self._cond.wait(_STALL_WAIT_S)
 
-    def _apply(self, commands: list[tuple[Any, ...]]) -> None:
+    def _apply(self, commands: list[EngineCommand]) -> None:
         accepted: list[tuple[str, BaseException | None]] = []
         for command in commands:
-            kind = command[0]
-            if kind == "add":
-                _, request_id, prompt, params = command
-                try:
-                    self.engine.add_request(request_id, prompt, params)
-                except Exception as exc:  # noqa: BLE001 - ValueError / QueueFullError go to the caller
-                    accepted.append((request_id, exc))
-                else:
-                    accepted.append((request_id, None))
-            elif kind == "abort":
-                self.engine.abort_request(command[1])
-            elif kind == "call":
-                _, fn, fut = command
-                if fut.set_running_or_notify_cancel():
-                    try:
-                        fut.set_result(fn(self.engine))
-                    except Exception as exc:  # noqa: BLE001 - delivered to the caller
-                        fut.set_exception(exc)
+            if isinstance(command, AddRequest):
+                accepted.append((command.request_id, self._add(command)))
+            elif isinstance(command, AbortRequest):
+                self.engine.abort_request(command.request_id)
+            elif isinstance(command, CallInEngine):
+                self._call(command)
+            else:
+                raise TypeError(_unknown_command(command))
         if accepted:  # one wake-up of the event loop for a whole burst of arrivals
             self._post(self._resolve_adds, accepted)
 
-    def _fail_calls(self, commands: list[tuple[Any, ...]]) -> None:
+    def _add(self, command: AddRequest) -> BaseException | None:
+        """Adds the request; returns what it raised (for the caller), None when it was taken."""
+        try:
+            self.engine.add_request(command.request_id, command.prompt, command.params)
+        except Exception as exc:  # noqa: BLE001 - ValueError / QueueFullError go to the caller
+            return exc
+        return None
+
+    def _call(self, command: CallInEngine) -> None:
+        fut = command.future
+        if fut.set_running_or_notify_cancel():
+            try:
+                fut.set_result(command.fn(self.engine))
+            except Exception as exc:  # noqa: BLE001 - delivered to the caller
+                fut.set_exception(exc)
+
+    def _fail_calls(self, commands: list[EngineCommand]) -> None:
         dead = EngineDeadError(self._dead_message())
         for command in commands:
-            if command[0] == "call" and command[2].set_running_or_notify_cancel():
-                command[2].set_exception(dead)
+            if isinstance(command, CallInEngine) and command.future.set_running_or_notify_cancel():
+                command.future.set_exception(dead)
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         loop = self._loop

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanoflow.engine.engine import QueueFullError
+from nanoflow.engine.engine import PromptError, QueueFullError
 from nanoflow.entrypoints import protocol as p
 from nanoflow.entrypoints.async_engine import EngineDeadError, RequestCancelledError
 from nanoflow.entrypoints.metrics import ServerMetrics
@@ -87,6 +87,11 @@ def stream_error(exc: BaseException) -> APIError:
     return internal(exc)
 
 
+def prompt_error(exc: PromptError) -> APIError:
+    """The 400 for a prompt the engine refuses (same message as LLMEngine.add_request's)."""
+    return APIError(400, str(exc), param=exc.param, code=exc.code)
+
+
 def engine_error(exc: BaseException, retry_after_s: int) -> APIError | BaseException:
     """The APIError for what AsyncEngine.add_request raised (other exceptions pass through)."""
     if isinstance(exc, QueueFullError):
@@ -96,6 +101,8 @@ def engine_error(exc: BaseException, retry_after_s: int) -> APIError | BaseExcep
         return engine_dead(exc)
     if isinstance(exc, RequestCancelledError):
         return shutting_down(str(exc))
+    if isinstance(exc, PromptError):
+        return prompt_error(exc)
     if isinstance(exc, ValueError):
         return APIError(400, str(exc), code="invalid_value")
     return exc

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
+from nanoflow.engine.engine import PromptError
 from nanoflow.entrypoints import errors, protocol as p
 from nanoflow.entrypoints.async_engine import AsyncEngine, EngineDeadError, RequestCancelledError, RequestStream
 from nanoflow.entrypoints.errors import APIError
@@ -44,11 +45,10 @@ class OpenAIServing:
         self.config = config
         self.lifecycle = lifecycle
         self._pool = pool
-        llm = engine.engine
-        self.tokenizer = llm.tokenizer
-        self.max_model_len = llm.max_model_len
-        self.vocab_size = llm.model_config.vocab_size
-        self.max_seqs_per_request = llm.config.max_seqs_per_request
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.vocab_size
+        self.max_seqs_per_request = engine.max_seqs_per_request
         self.max_prompt_chars = config.max_prompt_chars or self.max_model_len * _longest_token_chars(self.tokenizer)
         self._backend = getattr(self.tokenizer, "backend_tokenizer", None)
         self._warned_fields: set[str] = set()
@@ -105,25 +105,12 @@ class OpenAIServing:
                                 f"model's {self.max_model_len}-token context", param=param,
                            code="context_length_exceeded")
 
-    def check_token_ids(self, ids: list[int], param: str = "prompt") -> None:
-        if not ids:
-            raise APIError(400, f"{param} must not be empty", param=param, code="invalid_value")
-        if min(ids) < 0 or max(ids) >= self.vocab_size:  # C-speed scan first: prompts can be long
-            bad = next(t for t in ids if not 0 <= t < self.vocab_size)
-            raise APIError(400, f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})",
-                           param=param, code="invalid_value")
-
-    def check_length(self, ids: list[int], max_tokens: int | None) -> None:
-        limit = self.max_model_len
-        if len(ids) >= limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your "
-                                f"prompt has {len(ids)} tokens, leaving no room for output. Please shorten "
-                                "the prompt.", param="prompt", code="context_length_exceeded")
-        if max_tokens is not None and max_tokens > 0 and len(ids) + max_tokens > limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you "
-                                f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, "
-                                f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.",
-                           param="max_tokens", code="context_length_exceeded")
+    def check_prompt(self, ids: list[int], max_tokens: int | None = None, param: str = "prompt") -> None:
+        """The engine's own prompt check (LLMEngine.validate_prompt), answered as a 400."""
+        try:
+            self.engine.validate_prompt(ids, max_tokens, param)
+        except PromptError as exc:
+            raise errors.prompt_error(exc) from None
 
     @staticmethod
     def sampling_params(req: p.CompletionRequest | p.ChatCompletionRequest,

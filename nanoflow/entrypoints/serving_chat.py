@@ -34,8 +34,7 @@ class ChatServing(OpenAIServing):
         self.check_num_seqs(1, req.n)
         self.check_chars(sum(m.num_chars() for m in req.messages), "messages")
         ids = await self.in_pool(self._chat_prompt, req)
-        self.check_token_ids(ids, "messages")
-        self.check_length(ids, req.requested_max_tokens)
+        self.check_prompt(ids, req.requested_max_tokens, "messages")
         params = self.sampling_params(req, req.requested_max_tokens)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self.submit(request_id, [ids], params)

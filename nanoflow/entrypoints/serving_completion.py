@@ -30,9 +30,6 @@ class CompletionServing(OpenAIServing):
         self.check_common(req)
         prompts = await self._completion_prompts(req)
         self.check_num_seqs(len(prompts), req.n)
-        explicit = "max_tokens" in req.model_fields_set and req.max_tokens is not None and not req.echo_only
-        for prompt in prompts:
-            self.check_length(prompt.ids, req.max_tokens if explicit else None)
         params = self.sampling_params(req, req.max_tokens)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = await self.submit(request_id, [pr.ids for pr in prompts], params)
@@ -62,8 +59,9 @@ class CompletionServing(OpenAIServing):
             self.check_chars(len(text), "prompt")
         encoded = iter(await self.in_pool(self.encode, texts) if texts else [])
         prompts = [_Prompt(next(encoded), item) if isinstance(item, str) else _Prompt(item, None) for item in items]
+        explicit = "max_tokens" in req.model_fields_set and req.max_tokens is not None and not req.echo_only
         for pr in prompts:
-            self.check_token_ids(pr.ids)
+            self.check_prompt(pr.ids, req.max_tokens if explicit else None)
         if req.echo:
             for pr in prompts:
                 if pr.text is None:
