@@ -77,6 +77,32 @@ def choose_configs(rows_per_expert: float) -> tuple[MoeGemmConfig, MoeGemmConfig
             MoeGemmConfig(128, 256, 64, num_warps=8, num_stages=3))
 
 
+SHARED_MEMORY_LIMIT = 232448
+"""Bytes of shared memory a block may opt into on sm_90 (the size Triton checks a launch against)."""
+
+_SHARED_MEMORY_MARGIN = 16384  # Triton's epilogue and layout conversions take some beyond the stages
+
+
+def fit_shared_memory(config: MoeGemmConfig, element_bytes: int, weight_tiles: int,
+                      limit: int = SHARED_MEMORY_LIMIT) -> MoeGemmConfig:
+    """`config` with fewer pipeline stages (down to 2), then a shorter K step (down to 16), until its
+    stages fit `limit`: a tile chosen for bf16 needs twice the bytes in fp32. Each stage holds the
+    block_m x block_k activations and `weight_tiles` (2 for gate_up, 1 for down) block_n x block_k
+    weight tiles."""
+    def stage_bytes(c: MoeGemmConfig) -> int:
+        return (c.block_m + weight_tiles * c.block_n) * c.block_k * element_bytes
+
+    budget = limit - _SHARED_MEMORY_MARGIN
+    while config.num_stages * stage_bytes(config) > budget:
+        if config.num_stages > 2:
+            config = dataclasses.replace(config, num_stages=config.num_stages - 1)
+        elif config.block_k > 16:
+            config = dataclasses.replace(config, block_k=config.block_k // 2)
+        else:
+            break
+    return config
+
+
 # Tiles the GPU sweep (benchmarks/moe_gpu.py) tries for each kernel, beside choose_configs' choice.
 # Shared memory per stage at bf16: (block_m + 2 * block_n) * block_k * 2 bytes for gate_up,
 # (block_m + block_n) * block_k * 2 for down; 227 KB per SM on sm_90.
@@ -286,6 +312,13 @@ def combine(y: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor,
     return out
 
 
+def _shared_memory_limit(device: torch.device) -> int:
+    if device.type != "cuda":
+        return SHARED_MEMORY_LIMIT
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", SHARED_MEMORY_LIMIT))
+
+
 def _precision(t: torch.Tensor) -> str:
     return "ieee" if t.dtype == torch.float32 else "tf32"
 
@@ -318,6 +351,9 @@ def moe_experts(
     up_cfg, down_cfg = configs or choose_configs(num_tokens * top_k / num_experts)
     if up_cfg.block_m != down_cfg.block_m:
         raise ValueError(f"gate_up and down configs must share block_m: {up_cfg.block_m} != {down_cfg.block_m}")
+    limit = _shared_memory_limit(x.device)
+    up_cfg = fit_shared_memory(up_cfg, x.element_size(), 2, limit)
+    down_cfg = fit_shared_memory(down_cfg, x.element_size(), 1, limit)
     x = x if x.stride(1) == 1 else x.contiguous()
     w_gate_up = w_gate_up if w_gate_up.stride(2) == 1 else w_gate_up.contiguous()
     w_down = w_down if w_down.stride(2) == 1 else w_down.contiguous()

@@ -143,3 +143,26 @@ def test_the_moe_op_dispatches_to_the_grouped_gemm(gen):
         results.append(ws.hidden.clone())
     assert results[0][:3].isnan().all() and results[0][13:].isnan().all()
     torch.testing.assert_close(results[0][3:13], results[1][3:13], **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("config", mg.CANDIDATES)
+@pytest.mark.parametrize("element_bytes,weight_tiles", [(2, 2), (2, 1), (4, 2), (4, 1)])
+def test_fit_shared_memory_keeps_tiles_within_the_limit(config, element_bytes, weight_tiles):
+    """fp32 doubles a tile's bytes: the fitted config's stages fit (the fp32 tiny Mixtral once failed
+    on an H100 with 240 KB asked of 227), block_m stays (gate_up and down must agree), and a config that
+    already fits is returned unchanged (bf16 at real shapes keeps its measured tiles)."""
+    fitted = mg.fit_shared_memory(config, element_bytes, weight_tiles)
+    stage = (fitted.block_m + weight_tiles * fitted.block_n) * fitted.block_k * element_bytes
+    assert fitted.num_stages * stage <= mg.SHARED_MEMORY_LIMIT - 16384
+    assert (fitted.block_m, fitted.block_n) == (config.block_m, config.block_n)
+    before = (config.block_m + weight_tiles * config.block_n) * config.block_k * element_bytes
+    if config.num_stages * before <= mg.SHARED_MEMORY_LIMIT - 16384:
+        assert fitted == config
+    else:
+        assert fitted != config and fitted.num_stages >= 2
+
+
+def test_fit_shared_memory_of_the_failing_fp32_tile():
+    tile = mg.MoeGemmConfig(16, 64, 128, num_warps=4, num_stages=4)
+    assert mg.fit_shared_memory(tile, 4, 2) == mg.MoeGemmConfig(16, 64, 128, num_warps=4, num_stages=2)
+    assert mg.fit_shared_memory(tile, 2, 2) == tile
