@@ -12,7 +12,7 @@ ROOT = Path(nanoflow.__file__).parent
 
 LAYERS = [
     # 0: data types every layer passes around
-    ("nanoflow.config", "nanoflow.sampling_params", "nanoflow.outputs", "nanoflow.engine.forward_batch",
+    ("nanoflow.config", "nanoflow.sampling_params", "nanoflow.outputs", "nanoflow.forward_batch",
      "nanoflow.engine.request", "nanoflow.engine.errors"),
     # 1: kernels, and the op vocabulary / SM partitions they and the models describe themselves with
     ("nanoflow.kernels", "nanoflow.pipeline.ops", "nanoflow.pipeline.sm_partition"),

@@ -12,7 +12,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from nanoflow.engine.forward_batch import ForwardBatch
+from nanoflow.forward_batch import ForwardBatch
 from nanoflow.kernels import ModelKernels, select_kernels
 from nanoflow.models.config import ModelConfig
 from nanoflow.models.rope import build_cos_sin_cache
