@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from nanoflow import LLM, SamplingParams
-from nanoflow.autosearch import cache
 from nanoflow.autosearch.profile import op_meta
+from nanoflow.pipeline import plan_cache as cache
 from nanoflow.forward_batch import ForwardBatch
 from nanoflow.models.llama import LlamaForCausalLM
 from nanoflow.models.presets import PRESETS

@@ -24,6 +24,7 @@ from nanoflow.engine.sampler import Sampler, SamplingBatch, make_generator
 from nanoflow.engine.scheduler import Scheduler, SchedulerConfig
 from nanoflow.models.loader import load_model, load_tokenizer, resolve_model_source
 from nanoflow.pipeline.executor import make_executor
+from nanoflow.pipeline.plan_cache import lookup_profile, resolve_plan
 from nanoflow.outputs import CompletionOutput, KnownPrefix, Logprob, RequestOutput
 from nanoflow.sampling_params import SamplingParams
 
@@ -203,7 +204,6 @@ class LLMEngine:
 
     def set_plan(self, spec: str) -> None:
         """Switch the pipeline plan ('sequential', a built-in name, a JSON file, or 'auto')."""
-        from nanoflow.autosearch.cache import lookup_profile, resolve_plan  # the plan cache (no scipy)
         if spec not in self._executors:
             plan = resolve_plan(spec, self)
             self._executors[spec] = make_executor(plan, self.model.layers[0].ops, self.device)

@@ -114,8 +114,10 @@ def time_plans(engine, batch, plans: list, *, reps: int = 5, rounds: int = 2, wa
 
 # ---- the command ---------------------------------------------------------------------------------
 def _tune(args: argparse.Namespace) -> int:
-    from nanoflow.autosearch import cache
-    from nanoflow.autosearch.profile import MIXED, ProfileTable, dense_batch, workload_class_for_engine
+    from nanoflow.autosearch.profile import dense_batch
+    from nanoflow.pipeline import plan_cache as cache
+    from nanoflow.pipeline.profile_table import ProfileTable
+    from nanoflow.pipeline.workload_class import MIXED, workload_class_for_engine
     from nanoflow.autosearch.profiler import profile_engine
     from nanoflow.autosearch.search import pick_for_validation, search
     from nanoflow.engine.engine import LLMEngine
@@ -296,7 +298,7 @@ def _hand_plans(engine) -> list[str]:
 
 
 def _profile_mismatch(table, engine, key, wl) -> list[str]:
-    from nanoflow.autosearch.cache import model_shape_hash
+    from nanoflow.pipeline.plan_cache import model_shape_hash
     out = []
     if table.device != key.device:
         out.append(f"device {table.device} != {key.device}")
