@@ -611,7 +611,7 @@ def format_table(result: dict) -> str:
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds the `nanoflow bench throughput` options to `parser`."""
     d = ThroughputOptions()
-    from nanoflow.entrypoints.cli import add_engine_args, plan_help  # shared with `generate`
+    from nanoflow.engine_args import add_engine_args, plan_help  # shared with `generate`
 
     parser.add_argument("--model", default=d.model,
                         help="model directory, dummy preset (llama-3-8b, ...) or 'default' (built-in tiny model)")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from nanoflow.entrypoints.cli import add_engine_args
+    from nanoflow.engine_args import add_engine_args
     t = parser.add_argument_group("tune")
     t.add_argument("--workload", default="constant:512:1024",
                    help="workload whose steady-state dense batch to tune for: constant:IN:OUT, splitwise, lmsys, "
@@ -121,7 +121,7 @@ def _tune(args: argparse.Namespace) -> int:
     from nanoflow.autosearch.profiler import profile_engine
     from nanoflow.autosearch.search import pick_for_validation, search
     from nanoflow.engine.engine import LLMEngine
-    from nanoflow.entrypoints.cli import engine_config_from_args
+    from nanoflow.engine_args import engine_config_from_args
     from nanoflow.pipeline.plan import SEQUENTIAL, load_plan
 
     progress = not args.no_progress
