@@ -56,7 +56,8 @@ def tiny_checks(tp: int, rows: list[dict]) -> int:
 
 
 def preset_checks(model: str, tp: int, rows: list[dict], max_ctas: list[int | None]) -> int:
-    from nanoflow.autosearch.profile import dense_batch, workload_class_for_engine
+    from nanoflow.autosearch.profile import dense_batch
+    from nanoflow.pipeline.workload_class import workload_class_for_engine
     from nanoflow.entrypoints.tune import time_plans
     from nanoflow.pipeline.plan import load_plan
     failures = 0

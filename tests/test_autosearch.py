@@ -11,16 +11,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nanoflow.autosearch import cache
 from nanoflow.autosearch.layout import Mode
 from nanoflow.autosearch.milp import solve_structure
 from nanoflow.autosearch.search import check_plan, search, sequential_ms, simulate_plan
-from nanoflow.autosearch.profile import (ProfileTable, budget_key, decode_sizes, op_meta, token_sizes,
-                                         workload_class_for)
+from nanoflow.autosearch.profile import decode_sizes, op_meta, token_sizes
+from nanoflow.pipeline import plan_cache as cache
+from nanoflow.pipeline.profile_table import ProfileTable, budget_key
+from nanoflow.pipeline.workload_class import workload_class_for
 from nanoflow.models.llama import LlamaForCausalLM
 from nanoflow.models.presets import PRESETS
 from nanoflow.pipeline.executor import make_executor
-from nanoflow.autosearch.cache import resolve_plan
+from nanoflow.pipeline.plan_cache import resolve_plan
 from nanoflow.pipeline.plan import SEQUENTIAL, Plan
 
 NUM_SMS = 132

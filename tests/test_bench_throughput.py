@@ -7,8 +7,8 @@ import json
 import pytest
 
 from nanoflow.bench.gemm_peak import measure_gemm_peak, measure_gemm_peak_tflops
-from nanoflow.bench.throughput import (
-    ThroughputOptions, add_cli_args, engine_args_from, run_from_args, run_throughput, step_statistics)
+from nanoflow.bench.step_stats import step_statistics
+from nanoflow.bench.throughput import ThroughputOptions, add_cli_args, engine_args_from, run_from_args, run_throughput
 
 
 # ---- GEMM peak ------------------------------------------------------------------------------------
@@ -26,7 +26,7 @@ def test_cpu_gemm_peak_in_the_model_dtype_within_seconds(capsys):
 
     import torch
 
-    from nanoflow.bench.throughput import _gemm_peak
+    from nanoflow.bench.throughput_run import _gemm_peak
     t0 = time.perf_counter()
     peak = _gemm_peak(torch.device("cpu"), torch.float32)
     assert time.perf_counter() - t0 < 5.0

@@ -13,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nanoflow.entrypoints.cli import COMMANDS, build_parser, builtin_plan_names, format_generation, main
+from nanoflow.engine_args import builtin_plan_names
+from nanoflow.entrypoints.cli import COMMANDS, build_parser, format_generation, main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,8 @@ import pytest
 
 from nanoflow import LLM, EngineConfig, SamplingParams
 from nanoflow.engine.engine import EngineStats, LLMEngine
-from nanoflow.entrypoints.cli import build_parser, engine_config_from_args
+from nanoflow.engine_args import engine_config_from_args
+from nanoflow.entrypoints.cli import build_parser
 from nanoflow.entrypoints.metrics import ServerMetrics
 from nanoflow.llm import prefix_grouped_order
 from tests.tiny_checkpoints import make_checkpoint

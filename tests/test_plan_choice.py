@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from nanoflow import LLM, SamplingParams
-from nanoflow.autosearch import cache
 from nanoflow.autosearch.profile import op_meta
-from nanoflow.engine.forward_batch import ForwardBatch
+from nanoflow.pipeline import plan_cache as cache
+from nanoflow.forward_batch import ForwardBatch
 from nanoflow.models.llama import LlamaForCausalLM
 from nanoflow.models.presets import PRESETS
 from nanoflow.pipeline.executor import make_executor, synthetic_batch

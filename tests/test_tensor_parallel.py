@@ -71,7 +71,8 @@ def test_tp2_tokens_plans_and_search(ckpt):
 
 
 def _check_search(engine) -> None:
-    from nanoflow.autosearch.profile import WorkloadClass, dense_batch
+    from nanoflow.autosearch.profile import dense_batch
+    from nanoflow.pipeline.workload_class import WorkloadClass
     from nanoflow.autosearch.profiler import profile_engine
     from nanoflow.autosearch.search import search
     from nanoflow.entrypoints.tune import time_plans

@@ -226,7 +226,7 @@ def test_tensor_parallel_config_fields_fuzz(size, max_ctas, timeout):
 def test_bench_optimal_counts_every_gpu():
     """% of optimal under TP: N x the one-GPU GEMM peak; the transformers baseline is refused."""
     from nanoflow.bench.gemm_peak import GemmPeak
-    from nanoflow.bench.throughput import ThroughputOptions, TimedRun
+    from nanoflow.bench.throughput_options import ThroughputOptions, TimedRun
     gemm = GemmPeak(tflops=500.0, n=8192, iters=10, dtype="bfloat16", device="cuda", device_name="x",
                     illustrative=False)
     run = TimedRun(plan="sequential", requests=1, input_tokens=1000, output_tokens=1000,

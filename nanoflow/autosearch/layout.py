@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from nanoflow.autosearch.profile import ProfileTable, is_side_op
+from nanoflow.pipeline.profile_table import ProfileTable, is_side_op
 from nanoflow.pipeline.plan import Plan
 
 COMPUTE = "compute"

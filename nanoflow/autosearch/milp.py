@@ -35,7 +35,7 @@ import numpy as np
 
 from nanoflow.autosearch.layout import (COMPUTE, Candidate, Mode, Segment, Unit, _edges, boundary_points,
                                         op_duration, segments_for, unit_duration, unit_rows)
-from nanoflow.autosearch.profile import ProfileTable
+from nanoflow.pipeline.profile_table import ProfileTable
 from nanoflow.pipeline.plan import Cut, OpPlan, OrderEntry, Plan, Stream
 
 

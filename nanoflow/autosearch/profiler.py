@@ -18,9 +18,10 @@ from typing import Callable
 
 import torch
 
-from nanoflow.autosearch.profile import (DEFAULT_MEMORY_BUDGETS, QUICK_MEMORY_BUDGETS, ProfileTable, WorkloadClass,
-                                         budget_key, decode_sizes, dense_batch, is_side_op, op_meta, progress_bar,
-                                         token_sizes)
+from nanoflow.autosearch.profile import (DEFAULT_MEMORY_BUDGETS, QUICK_MEMORY_BUDGETS, decode_sizes, dense_batch,
+                                         op_meta, progress_bar, token_sizes)
+from nanoflow.pipeline.profile_table import ProfileTable, budget_key, is_side_op
+from nanoflow.pipeline.workload_class import WorkloadClass
 
 
 # ---- timing --------------------------------------------------------------------------------------

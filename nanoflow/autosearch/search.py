@@ -7,7 +7,7 @@ from typing import Callable
 
 from nanoflow.autosearch.layout import COMPUTE, FINER_STRUCTURES, STAGE1_STRUCTURES, Candidate, Mode, _slowed
 from nanoflow.autosearch.milp import configs_near, solve_structure
-from nanoflow.autosearch.profile import ProfileTable
+from nanoflow.pipeline.profile_table import ProfileTable
 from nanoflow.pipeline.plan import SEQUENTIAL, Plan
 
 

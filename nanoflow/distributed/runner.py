@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from nanoflow.engine.errors import StepFatalError
-from nanoflow.engine.forward_batch import ForwardBatch
+from nanoflow.forward_batch import ForwardBatch
 from nanoflow.engine.kv_cache import KVCacheManager
 from nanoflow.engine.runner import ModelRunner
 from nanoflow.models.llama import LlamaForCausalLM, StepState

@@ -22,13 +22,11 @@ def build_runner(config: EngineConfig, ctx: TPContext):
     from nanoflow.distributed.runner import TPModelRunner
     from nanoflow.engine.kv_cache import KVCacheManager
     from nanoflow.engine.runner import choose_num_blocks
-    from nanoflow.kernels import select_kernels
     from nanoflow.models.loader import load_model, resolve_model_source
 
     source = resolve_model_source(config)
     dtype = config.resolved_dtype(ctx.device, source.model_config.torch_dtype)
     model, _ = load_model(config, ctx.device, dtype, source, tp=ctx)
-    model.kernels = select_kernels(config.use_triton, ctx.device)
     token_budget = config.resolved_token_budget(ctx.device)
     kv_dtype = config.resolved_kv_dtype(model.dtype)
     num_blocks = config.num_kv_blocks or choose_num_blocks(

@@ -22,10 +22,9 @@ from nanoflow.engine.request import PENDING_TOKEN, Request, RequestStatus
 from nanoflow.engine.runner import ModelRunner, choose_num_blocks
 from nanoflow.engine.sampler import Sampler, SamplingBatch, make_generator
 from nanoflow.engine.scheduler import Scheduler, SchedulerConfig
-from nanoflow.kernels import reference as reference_kernels
-from nanoflow.kernels import select_kernels
 from nanoflow.models.loader import load_model, load_tokenizer, resolve_model_source
 from nanoflow.pipeline.executor import make_executor
+from nanoflow.pipeline.plan_cache import lookup_profile, resolve_plan
 from nanoflow.outputs import CompletionOutput, KnownPrefix, Logprob, RequestOutput
 from nanoflow.sampling_params import SamplingParams
 
@@ -153,7 +152,6 @@ class LLMEngine:
         dtype = self.config.resolved_dtype(self.device, source.model_config.torch_dtype)
         self.model, self.source = load_model(self.config, self.device, dtype, source, tp=self.tp)
         self.model_config = self.source.model_config
-        self.model.kernels = select_kernels(self.config.use_triton, self.device)
         self.tokenizer = load_tokenizer(self.source)
         self.max_model_len = self.config.max_model_len or self.model_config.max_position_embeddings
         self.eos_token_ids = self._eos_ids()
@@ -167,8 +165,8 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(token_budget, self.config.max_num_seqs, self.config.kv_admission_ratio), self.kv)
-        # The torch reference kernels sync with the host (not capturable): graphs need the Triton path.
-        graphs = not self.config.enforce_eager and self.model.kernels is not reference_kernels
+        # The torch reference kernels sync with the host (not graph_safe): graphs need the Triton set.
+        graphs = not self.config.enforce_eager and self.model.kernels.graph_safe
         if self.tp is None:
             self.runner = ModelRunner(self.model, self.kv, token_budget, cuda_graphs=graphs, kv_dtype=kv_dtype)
         else:  # rank 0 of a tensor-parallel group: each step also runs on the worker ranks
@@ -206,7 +204,6 @@ class LLMEngine:
 
     def set_plan(self, spec: str) -> None:
         """Switch the pipeline plan ('sequential', a built-in name, a JSON file, or 'auto')."""
-        from nanoflow.autosearch.cache import lookup_profile, resolve_plan  # the plan cache (no scipy)
         if spec not in self._executors:
             plan = resolve_plan(spec, self)
             self._executors[spec] = make_executor(plan, self.model.layers[0].ops, self.device)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from nanoflow.engine.forward_batch import ForwardBatch
+from nanoflow.forward_batch import ForwardBatch
 
 
 class InputBatch:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanoflow.engine.forward_batch import ForwardBatch
+from nanoflow.forward_batch import ForwardBatch
 from nanoflow.engine.request import Request
 from nanoflow.outputs import Logprob
 

@@ -10,7 +10,7 @@ import time
 import torch
 
 from nanoflow import memory_check
-from nanoflow.engine.forward_batch import ForwardBatch
+from nanoflow.forward_batch import ForwardBatch
 from nanoflow.engine.input_batch import InputBatch
 from nanoflow.engine.kv_cache import KVCacheManager
 from nanoflow.engine.scheduler import SchedulerOutput

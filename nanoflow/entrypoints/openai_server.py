@@ -187,7 +187,7 @@ class ServerThread:
 # ---- `nanoflow serve` -----------------------------------------------------------------------------
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds the `nanoflow serve` options (one flag per ServerConfig and EngineConfig field)."""
-    from nanoflow.entrypoints.cli import add_engine_args, field_docs
+    from nanoflow.engine_args import add_engine_args, field_docs
     docs = field_docs(ServerConfig)
     hints = typing.get_type_hints(ServerConfig)
     group = parser.add_argument_group("server")
@@ -208,7 +208,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Loads the model, starts the engine thread and serves until a signal (0) or the engine's death
     (1); 2 on bad options."""
     from nanoflow.engine.engine import LLMEngine
-    from nanoflow.entrypoints.cli import engine_config_from_args
+    from nanoflow.engine_args import engine_config_from_args
     server_config = ServerConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)})
     logging.basicConfig(level=server_config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

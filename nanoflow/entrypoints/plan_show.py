@@ -42,7 +42,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                           max_num_batched_tokens=args.batch_tokens)
     engine = LLMEngine(config, stream_text=False)
     engine.set_plan(args.plan)
-    from nanoflow.autosearch.profile import workload_class_for_engine
+    from nanoflow.pipeline.workload_class import workload_class_for_engine
     context = args.context or (1024 if engine.device.type == "cuda" else 64)
     wl = workload_class_for_engine(engine, "mixed", decode_fraction=args.decode_fraction, context=context)
     entries = record_timeline(engine, wl, warmup=args.steps)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from nanoflow.entrypoints.cli import add_engine_args
+    from nanoflow.engine_args import add_engine_args
     t = parser.add_argument_group("tune")
     t.add_argument("--workload", default="constant:512:1024",
                    help="workload whose steady-state dense batch to tune for: constant:IN:OUT, splitwise, lmsys, "
@@ -114,12 +114,14 @@ def time_plans(engine, batch, plans: list, *, reps: int = 5, rounds: int = 2, wa
 
 # ---- the command ---------------------------------------------------------------------------------
 def _tune(args: argparse.Namespace) -> int:
-    from nanoflow.autosearch import cache
-    from nanoflow.autosearch.profile import MIXED, ProfileTable, dense_batch, workload_class_for_engine
+    from nanoflow.autosearch.profile import dense_batch
+    from nanoflow.pipeline import plan_cache as cache
+    from nanoflow.pipeline.profile_table import ProfileTable
+    from nanoflow.pipeline.workload_class import MIXED, workload_class_for_engine
     from nanoflow.autosearch.profiler import profile_engine
     from nanoflow.autosearch.search import pick_for_validation, search
     from nanoflow.engine.engine import LLMEngine
-    from nanoflow.entrypoints.cli import engine_config_from_args
+    from nanoflow.engine_args import engine_config_from_args
     from nanoflow.pipeline.plan import SEQUENTIAL, load_plan
 
     progress = not args.no_progress
@@ -296,7 +298,7 @@ def _hand_plans(engine) -> list[str]:
 
 
 def _profile_mismatch(table, engine, key, wl) -> list[str]:
-    from nanoflow.autosearch.cache import model_shape_hash
+    from nanoflow.pipeline.plan_cache import model_shape_hash
     out = []
     if table.device != key.device:
         out.append(f"device {table.device} != {key.device}")

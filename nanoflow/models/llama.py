@@ -12,8 +12,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from nanoflow.engine.forward_batch import ForwardBatch
-from nanoflow.kernels import reference as ref_kernels
+from nanoflow.forward_batch import ForwardBatch
+from nanoflow.kernels import ModelKernels, select_kernels
 from nanoflow.models.config import ModelConfig
 from nanoflow.models.rope import build_cos_sin_cache
 from nanoflow.pipeline.ops import COLLECTIVE_OPS, Op, Resource, RowScope
@@ -247,11 +247,14 @@ class LlamaForCausalLM(nn.Module):
     MLP_BLOCK: type = DenseMLP
     """The MLP part of every decoder layer (a subclass swaps it: Mixtral's experts)."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, kernels=ref_kernels, tp=None):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                 kernels: ModelKernels | None = None, tp=None):
         super().__init__()
         self.config = cfg
         self.dtype, self.device = dtype, device
-        self.kernels = kernels
+        self.kernels: ModelKernels = select_kernels("auto", device) if kernels is None else kernels
+        """The kernel functions every op calls (nanoflow.kernels.model_kernels; load_model passes
+        EngineConfig.use_triton's choice). None: Triton on CUDA, the torch references elsewhere."""
         self.tp = tp
         """Tensor-parallel rank (nanoflow.distributed.TPContext) or None. Under TP `cfg` is the rank's
         shard (its heads and MLP width; nanoflow.distributed.sharding), the vocabulary is split."""

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from nanoflow.config import EngineConfig
+from nanoflow.kernels import select_kernels
 from nanoflow.memory_check import check_model_fits
 from nanoflow.models.config import ModelConfig
 from nanoflow.models.presets import PRESETS
@@ -131,7 +132,8 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
 
 def load_model(config: EngineConfig, device: torch.device, dtype: torch.dtype,
                source: ModelSource | None = None, tp=None) -> tuple[nn.Module, ModelSource]:
-    """Builds the model on `device` in `dtype` and fills its weights (checkpoint or random from config.seed).
+    """Builds the model on `device` in `dtype`, running the kernels config.use_triton selects, and fills
+    its weights (checkpoint or random from config.seed).
 
     Pass `source` when it was already resolved (e.g. to pick the dtype from its torch_dtype).
     `tp` (a nanoflow.distributed.TPContext): build this rank's shard only, reading only its slices of
@@ -145,10 +147,11 @@ def load_model(config: EngineConfig, device: torch.device, dtype: torch.dtype,
     # Parameters are allocated on `device` and filled in place there (dummy: a device generator;
     # checkpoint: one memory-mapped tensor at a time): no host copy, no second copy of the weights.
     cls = model_class(source.model_config.architecture)
+    kernels = select_kernels(config.use_triton, device)
     if tp is None:
-        model = cls(source.model_config, dtype=dtype, device=device)
+        model = cls(source.model_config, dtype=dtype, device=device, kernels=kernels)
     else:
-        model = cls(tp.shard_config(source.model_config), dtype=dtype, device=device, tp=tp)
+        model = cls(tp.shard_config(source.model_config), dtype=dtype, device=device, kernels=kernels, tp=tp)
     with torch.no_grad():
         if source.weights_dir is None:
             init_dummy_weights(model, config.seed)

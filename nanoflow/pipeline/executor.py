@@ -279,7 +279,7 @@ def make_executor(plan: Plan | None, layer_ops: list[Op], device: torch.device) 
 
 def synthetic_batch(decode: int = 7, prefill: tuple[int, ...] = (5, 9, 3)):
     """A host-only batch shape (decode rows, then prefill chunks) for checking plans."""
-    from nanoflow.engine.forward_batch import ForwardBatch
+    from nanoflow.forward_batch import ForwardBatch
     starts = list(range(decode + 1))
     for n in prefill:
         starts.append(starts[-1] + n)

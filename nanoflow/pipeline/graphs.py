@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanoflow.engine.forward_batch import ForwardBatch
+from nanoflow.forward_batch import ForwardBatch
 from nanoflow.models.llama import DeviceRows, StepState
 from nanoflow.pipeline.executor import PlanExecutor
 from nanoflow.pipeline.nano_ops import GraphShape, Program

@@ -121,7 +121,7 @@ def test_the_moe_op_dispatches_to_the_grouped_gemm(gen):
     """The model's `moe` op on the Triton kernel set equals it on the references, for a nano-batch."""
     import dataclasses
 
-    from nanoflow.kernels import reference, select_kernels
+    from nanoflow.kernels import REFERENCE_KERNELS, select_kernels
     from nanoflow.models.llama import StepState
     from nanoflow.models.loader import init_dummy_weights
     from nanoflow.models.mixtral import MixtralForCausalLM
@@ -130,14 +130,14 @@ def test_the_moe_op_dispatches_to_the_grouped_gemm(gen):
     cfg = dataclasses.replace(PRESETS["mixtral-8x7b"], vocab_size=64, hidden_size=32, intermediate_size=24,
                               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                               num_local_experts=4)
-    model = MixtralForCausalLM(cfg, torch.float32, DEVICE)
-    init_dummy_weights(model, seed=1)
-    ws = model.new_workspace(16)
-    ws.normed.copy_(randn(gen, 16, 32))
-    op = model.layers[0].ops[-1]
+    normed = randn(gen, 16, 32)
     results = []
-    for kernels in (select_kernels("on", DEVICE), reference):
-        model.kernels = kernels
+    for kernels in (select_kernels("on", DEVICE), REFERENCE_KERNELS):
+        model = MixtralForCausalLM(cfg, torch.float32, DEVICE, kernels=kernels)
+        init_dummy_weights(model, seed=1)  # the same weights for both kernel sets
+        ws = model.new_workspace(16)
+        ws.normed.copy_(normed)
+        op = model.layers[0].ops[-1]
         ws.hidden.fill_(float("nan"))
         op.fn(StepState(None, ws, []), 3, 13)
         results.append(ws.hidden.clone())

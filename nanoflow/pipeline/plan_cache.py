@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from nanoflow.pipeline.plan import SEQUENTIAL, Plan, load_plan
+from nanoflow.pipeline.workload_class import MIXED
 
 CACHE_ENV = "NANOFLOW_CACHE_DIR"
 WORKLOAD_ENV = "NANOFLOW_PLAN_WORKLOAD"
 CACHE_FORMAT = 1
-MIXED = "mixed"
 _SHAPE_FIELDS = ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                  "num_attention_heads", "num_key_value_heads", "head_dim", "attention_bias")
 
@@ -132,7 +132,7 @@ def _workload_class_of(engine, spec: str | None) -> str | None:
     if not spec:
         return None
     try:
-        from nanoflow.autosearch.profile import workload_class_for_engine
+        from nanoflow.pipeline.workload_class import workload_class_for_engine
         return workload_class_for_engine(engine, spec).name
     except Exception:  # noqa: BLE001 - not a workload spec: a class name given directly
         return spec  # a class name given directly ('mixed', 'dec65-ctx1024')
@@ -189,7 +189,7 @@ def lookup_profile(engine, directory: str | Path | None = None):
     if wanted:
         preferred = [p for p in paths if p.name == key.with_class(wanted).filename()]
         paths = preferred + [p for p in paths if p not in preferred]
-    from nanoflow.autosearch.profile import ProfileTable
+    from nanoflow.pipeline.profile_table import ProfileTable
     for path in paths:
         try:
             return ProfileTable.load(path)
@@ -200,7 +200,7 @@ def lookup_profile(engine, directory: str | Path | None = None):
 
 def resolve_plan(spec: str, engine) -> Plan:
     """load_plan, plus 'auto': the plan `nanoflow tune` cached for this model, device and batch, or
-    sequential with a warning when none fits. (Here, not in pipeline/: a plan file knows no cache.)"""
+    sequential with a warning when none fits. (Here, not in plan.py: a plan file knows no cache.)"""
     if spec != "auto":
         return load_plan(spec)
     plan = lookup_plan(engine)
