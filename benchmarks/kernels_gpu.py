@@ -1,18 +1,14 @@
-"""Checks every Triton kernel against its torch reference on Llama-3-8B shapes (bf16) and times it.
+"""Times every Triton kernel on Llama-3-8B shapes (bf16, and FP8 KV caches), with each timed
+configuration's relative error against its torch reference beside it.
 
     python benchmarks/kernels_gpu.py            # ~1-2 min on an H200 (most of it Triton compiles)
     python benchmarks/kernels_gpu.py --quick    # skip the decode launch-config sweep
 
-Correctness: relative error ||out - ref|| / ||ref|| < 1e-2 on fresh random data (never zeros), for
-every kernel and every decode-attention configuration that is timed. Timing: triton.testing.do_bench,
-median. GB/s = bytes the kernel must move / time (decode attention: K and V bytes read). Exits 1 if
-any check fails.
-
-FP8 KV cache (float8_e4m3fn, scale 1.0): rope's cache write (incl. saturation of out-of-range k / v:
-never NaN), split-KV and persistent decode attention and prefill attention are checked against the
-reference run on the same fp8 cache (rel err < 2e-2; the bf16-q attention cases cannot run in
-Triton's interpreter, so this is where they are checked), and decode is timed with GB/s counting
-1 byte per cached element.
+Timing: triton.testing.do_bench, median. GB/s = bytes the kernel must move / time (decode attention:
+K and V bytes read; FP8 caches count 1 byte per cached element). The rel err column is
+||out - ref|| / ||ref|| on fresh random data; the run exits 1 if a timed configuration is off by
+1e-2 or more (2e-2 on fp8 caches), so no wrong kernel is timed silently. The correctness tests
+themselves (fp8 saturation, bit-identical V cache, SM partitions, ...) are tests/gpu/test_kernels_gpu.py.
 """
 from __future__ import annotations
 
@@ -51,11 +47,6 @@ class Report:
         if not err < tol:  # also catches NaN
             self.failures.append(f"{name}: rel err {err:.2e}")
         return err
-
-    def require(self, name: str, ok: bool, detail: str = ""):
-        if not ok:
-            self.failures.append(f"{name}: {detail}")
-        print(f"  {'ok  ' if ok else 'FAIL'} {name} {detail}", flush=True)
 
     def row(self, kernel: str, shape: str, ms: float, nbytes: float, err: float | None, extra: str = ""):
         gbs = nbytes / ms / 1e6
@@ -214,38 +205,19 @@ def fp8_rope(rep: Report, tokens: int):
     cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
     num_blocks = tokens // BLOCK + 64
     slots = torch.randperm(num_blocks * BLOCK, device=DEV)[:tokens]
-    for kv_scale in (1.0, 1000.0):  # 1000: most k / v beyond +-448 (saturating cast, never NaN)
-        q, k, v = (t.view(tokens, -1, D) for t in qkv.split([HQ * D, HK * D, HK * D], dim=-1))
-        k, v = (k * kv_scale).contiguous(), (v * kv_scale).contiguous()
-        kc = torch.zeros(num_blocks, BLOCK, HK, D, device=DEV).to(FP8)
-        vc = torch.zeros_like(kc)
-        kc_ref, vc_ref = kc.clone(), vc.clone()
-        got_q = rope.rope_and_cache_write(q, k, v, positions, cos_sin, kc, vc, slots)
-        try:
-            want_q = reference.rope_and_cache_write(q, k, v, positions, cos_sin, kc_ref, vc_ref, slots)
-        except (RuntimeError, NotImplementedError) as exc:
-            rep.require(f"fp8 rope reference x{kv_scale:g}", False, f"reference raised {exc}")
-            continue
-        tag = f"fp8 rope x{kv_scale:g}"
-        err = max(rep.check(f"{tag}.q", got_q, want_q, FP8_TOL),
-                  rep.check(f"{tag}.k_cache", kc, kc_ref, FP8_TOL),
-                  rep.check(f"{tag}.v_cache", vc, vc_ref, FP8_TOL))
-        rep.require(f"{tag}: kernel cache has no NaN", not (kc.float().isnan().any() or vc.float().isnan().any()))
-        rep.require(f"{tag}: reference cache has no NaN (reference.py must clamp to +-448 before the cast)",
-                    not (kc_ref.float().isnan().any() or vc_ref.float().isnan().any()))
-        v_diff = int((vc.view(torch.uint8) != vc_ref.view(torch.uint8)).sum())
-        k_diff = int((kc.view(torch.uint8) != kc_ref.view(torch.uint8)).sum())
-        want_v = v.float().clamp(-448, 448).to(FP8)
-        v_exp = int((vc.view(num_blocks * BLOCK, HK, D)[slots].view(torch.uint8)
-                     != want_v.view(torch.uint8)).sum())
-        rep.require(f"{tag}: v cache bit-identical to the reference", v_diff == 0, f"{v_diff} bytes differ")
-        rep.require(f"{tag}: v cache == v.clamp(-448, 448).to(fp8)", v_exp == 0, f"{v_exp} bytes differ")
-        print(f"  {tag}: k cache bytes differing from the reference: {k_diff} of {kc.numel()} "
-              "(rotation rounding; expect ~0)")
-        if kv_scale == 1.0:
-            ms = bench(lambda: rope.rope_and_cache_write(q, k, v, positions, cos_sin, kc, vc, slots))
-            nbytes = qkv.numel() * 2 + tokens * HQ * D * 2 + 2 * tokens * HK * D  # fp8 writes: 1 B
-            rep.row("rope_and_cache_write fp8", f"T={tokens} Hq={HQ} Hk={HK} D={D}", ms, nbytes, err)
+    q, k, v = (t.view(tokens, -1, D) for t in qkv.split([HQ * D, HK * D, HK * D], dim=-1))
+    k, v = k.contiguous(), v.contiguous()
+    kc = torch.zeros(num_blocks, BLOCK, HK, D, device=DEV).to(FP8)
+    vc = torch.zeros_like(kc)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    got_q = rope.rope_and_cache_write(q, k, v, positions, cos_sin, kc, vc, slots)
+    want_q = reference.rope_and_cache_write(q, k, v, positions, cos_sin, kc_ref, vc_ref, slots)
+    err = max(rep.check("fp8 rope.q", got_q, want_q, FP8_TOL),
+              rep.check("fp8 rope.k_cache", kc, kc_ref, FP8_TOL),
+              rep.check("fp8 rope.v_cache", vc, vc_ref, FP8_TOL))
+    ms = bench(lambda: rope.rope_and_cache_write(q, k, v, positions, cos_sin, kc, vc, slots))
+    nbytes = qkv.numel() * 2 + tokens * HQ * D * 2 + 2 * tokens * HK * D  # fp8 writes: 1 B
+    rep.row("rope_and_cache_write fp8", f"T={tokens} Hq={HQ} Hk={HK} D={D}", ms, nbytes, err)
 
 
 def fp8_decode(rep: Report, cases, sm_count: int):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 15 (KV reuse) on one GPU: run one case per call (each fits the 10-minute limit of a device call).
-#   bash benchmarks/run_gpu_prefix.sh check          # greedy parity of caching / host tier on CUDA, copy bandwidth
+#   bash benchmarks/run_gpu_prefix.sh check          # tests/gpu/test_prefix_gpu.py (greedy parity on CUDA), copy bandwidth
 #   bash benchmarks/run_gpu_prefix.sh multi-round    # prefill computed and throughput, caching on (+host tier) vs off
 #   bash benchmarks/run_gpu_prefix.sh shared-prefix  # 1024 shared + 128 unique + 128 out, 2000 requests, on vs off
 #   bash benchmarks/run_gpu_prefix.sh host-tier      # single-round sharegpt, host tier on vs off (cost)
@@ -14,7 +14,8 @@ export PYTHONUNBUFFERED=1
 BENCH=(python3 -m nanoflow.entrypoints.cli bench throughput --model llama-3-8b --load-format dummy --disable-tqdm)
 case "$CASE" in
   check)
-    python3 benchmarks/prefix_gpu_check.py 2>&1 | grep -v Warning | tee "$OUT/prefix_gpu_check.txt" ;;
+    python3 -m pytest -q -p no:cacheprovider tests/gpu/test_prefix_gpu.py 2>&1 | tee "$OUT/prefix_gpu_tests.txt" | tail -3
+    python3 benchmarks/host_tier_bandwidth.py 2>&1 | grep -v Warning | tee "$OUT/host_tier_bandwidth.txt" ;;
   multi-round)
     "${BENCH[@]}" --workload multi-round:sharegpt:4 --num-requests 500 --kv-host-gb 64 --compare-prefix-caching \
       --output-json "$OUT/prefix_multi_round.json" 2>&1 | grep -v Warning | tee "$OUT/prefix_multi_round.txt" | tail -16 ;;

@@ -8,8 +8,9 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 NF="python3 -m nanoflow.entrypoints.cli"
 BENCH70="$NF bench throughput --model llama-3-70b --load-format dummy --tensor-parallel-size 4 --num-requests 1000"
 case "${1:-check}" in
-  check)  # TP=4 vs TP=1 tokens (tiny checkpoints), plans on the 70B dummy, step time per plan, NCCL CTA limit
-    timeout 580 python3 benchmarks/tp_gpu_check.py --tp 4 --model llama-3-70b --json "$OUT/tp_check.json" 2>&1 \
+  check)  # TP=2 vs TP=1 tokens (tests/gpu/test_tp_gpu.py), plans on the 70B dummy, step time per plan, NCCL CTA limit
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_tp_gpu.py 2>&1 | tee "$OUT/tp_tests.txt" | tail -3
+    timeout 380 python3 benchmarks/tp_gpu_check.py --tp 4 --model llama-3-70b --json "$OUT/tp_check.json" 2>&1 \
       | grep -v Warning | tee "$OUT/tp_check.txt" ;;
   70b-constant)  # >= 70% of optimal; overlap plan >= 1.15x sequential in the same run
     timeout 590 $BENCH70 --workload constant:1024:512 --plan tp-nano-4 --compare sequential \

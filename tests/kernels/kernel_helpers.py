@@ -39,7 +39,7 @@ FP8 = torch.float8_e4m3fn
 
 # Triton's interpreter holds bf16 as uint16 in numpy, so tl.dot on bf16 operands is meaningless
 # there (the existing attention tests use fp32 / fp16 q for that reason). bf16-q attention cases run
-# on the GPU only (pytest on a CUDA machine, and benchmarks/kernels_gpu.py).
+# on the GPU only (pytest on a CUDA machine; at real shapes in tests/gpu/test_kernels_gpu.py).
 skip_bf16_dot_in_interpreter = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available(),
     reason="Triton's interpreter cannot tl.dot bf16 (numpy has no bf16); checked on the GPU")

@@ -1,6 +1,6 @@
 """Decode attention and GEMMs on SM partitions made by CUDA green contexts (Llama-3-8B shapes).
 
-    python benchmarks/green_ctx_gpu.py          # ~2 min on an H200; JSON to $OUT/green_ctx.json
+    python docs/research/green-contexts/green_ctx_gpu.py          # ~2 min on an H200; JSON to $OUT/green_ctx.json
 
 For each split A (the attention group) / 132 - A (the rest), with fresh random bf16 data:
   alone   the split-KV decode kernel (full-occupancy grid) on the A group, the GEMM chain
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts of this study
 
 from nanoflow.kernels import decode_attention as split_kv  # noqa: E402
 from nanoflow.pipeline import sm_partition  # noqa: E402

@@ -1,7 +1,7 @@
 """Offline build of the Hopper decode kernel for sm_90a (no GPU needed): shared memory, registers,
 spills, and the SASS of its two loops (instruction counts per tile), for each configuration.
 
-    /path/to/venv-with-triton-3.6/bin/python benchmarks/decode_hopper_compile.py [--dump DIR]
+    /path/to/venv-with-triton-3.6/bin/python docs/research/hopper-decode-compile/decode_hopper_compile.py [--dump DIR]
 
 Needs the GPU's Triton release (3.6: the Gluon API moves between releases); torch is optional (a
 stub stands in for it, since only the kernel's module-level code runs). cuobjdump comes with Triton.
@@ -17,7 +17,7 @@ import tempfile
 import types
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]  # the repository root
 
 
 def _load_kernel_module():

@@ -3,7 +3,7 @@ streaming read of the same bytes, each launched 4 times on the 64-SM group of a 
 
     ncu --clock-control none --kernel-name regex:'_decode_split_kernel|_read_kernel' --launch-skip 2 \
         --launch-count 2 --section SpeedOfLight --section Occupancy --section WarpStateStats \
-        --section SchedulerStats python3 benchmarks/ncu_decode_partition.py
+        --section SchedulerStats python3 docs/research/green-contexts/ncu_decode_partition.py
 """
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts of this study
 
-from benchmarks.decode_partition_sweep_gpu import _read_kernel  # noqa: E402
-from benchmarks.green_ctx_gpu import D, decode_inputs  # noqa: E402
+from decode_partition_sweep_gpu import _read_kernel  # noqa: E402
+from green_ctx_gpu import D, decode_inputs  # noqa: E402
 from nanoflow.kernels import decode_attention as split_kv  # noqa: E402
 from nanoflow.pipeline import sm_partition  # noqa: E402
 

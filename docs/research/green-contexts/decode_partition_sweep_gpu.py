@@ -1,6 +1,6 @@
 """Decode attention configurations on an SM partition (CUDA green context), Llama-3-8B shapes.
 
-    python benchmarks/decode_partition_sweep_gpu.py [--splits 48,64]   # JSON to $OUT/decode_partition.json
+    python docs/research/green-contexts/decode_partition_sweep_gpu.py [--splits 48,64]   # JSON to $OUT/decode_partition.json
 
 On the A-SM group of a green-context split, with the kernel free to launch as many CTAs as fit
 (several per SM): the split-KV kernel over tile / warps / stages, the persistent stream-K kernel over
@@ -21,9 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts of this study
 
-from benchmarks.green_ctx_gpu import D, decode_inputs, timed  # noqa: E402
+from green_ctx_gpu import D, decode_inputs, timed  # noqa: E402
 from nanoflow.kernels import decode_attention as split_kv  # noqa: E402
 from nanoflow.kernels import decode_attention_persistent as dap  # noqa: E402
 from nanoflow.pipeline import sm_partition  # noqa: E402

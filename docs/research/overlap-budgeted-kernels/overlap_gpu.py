@@ -1,6 +1,6 @@
 """SM-budgeted kernels and their overlap on one GPU (Llama-3-8B shapes), for NanoFlow's stage 2.
 
-    python benchmarks/overlap_gpu.py            # ~2-3 min on an H200; JSON to $OUT/overlap.json
+    python docs/research/overlap-budgeted-kernels/overlap_gpu.py            # ~2-3 min on an H200; JSON to $OUT/overlap.json
 
 Sections (every timing: CUDA events, median of --reps after warm-up, fresh random bf16 data):
   A  decode attention alone, R=512 requests, contexts uniform in [1024, 1280], Hq 32 / Hk 8, D 128,
@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root
 
 from nanoflow.kernels import decode_attention as split_kv  # noqa: E402
 from nanoflow.kernels import decode_attention_persistent as dap  # noqa: E402
