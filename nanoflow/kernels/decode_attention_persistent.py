@@ -92,7 +92,7 @@ class PersistentDecodeConfig:
                 f"w={self.num_warps} st={self.num_stages}")
 
 
-# Candidates for benchmarks/overlap_gpu.py (bf16 D=128 Hk=8); benchmarks/decode_sweep_gpu.py sweeps
+# Candidates for docs/research/overlap-budgeted-kernels/overlap_gpu.py (bf16 D=128 Hk=8); benchmarks/decode_sweep_gpu.py sweeps
 # more. Compiled for sm_90 with triton 3.6 (ptxas -v, no spills): shared memory / registers per
 # thread / SASS instructions of the main loop per warp, and warp-instructions per KB of K+V:
 #   tm 128/1/8/3   217 KB / 144 / 620 (~78 per KB)     tm 128/1/16/3  217 KB / 128 / 557

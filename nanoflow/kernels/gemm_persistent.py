@@ -57,7 +57,7 @@ class GemmConfig:
         return f"{self.block_m}x{self.block_n}x{self.block_k} w={self.num_warps} st={self.num_stages} {tma}"
 
 
-# The sweep's candidates (benchmarks/overlap_gpu.py). Shared memory at bf16: 144 KB + 64 KB
+# The sweep's candidates (docs/research/overlap-budgeted-kernels/overlap_gpu.py). Shared memory at bf16: 144 KB + 64 KB
 # epilogue, 128 + 32, 160 + 32, 96 + 32 (the last two: many small tiles, for budgets whose wave
 # count the big tile quantizes badly, e.g. N=4096 at 100 programs).
 CONFIGS = (
@@ -76,7 +76,7 @@ def _waves(config: GemmConfig, m: int, n: int, num_programs: int) -> int:
 def choose_config(m: int, n: int, k: int, num_programs: int) -> GemmConfig:
     """The big tile (best per-SM throughput) unless its last wave leaves many programs idle: cost =
     waves x tile area / relative speed (128x128 tiles assumed 10% slower per flop; a guess that the
-    H200 sweep in benchmarks/overlap_gpu.py checks)."""
+    H200 sweep in docs/research/overlap-budgeted-kernels/overlap_gpu.py checks)."""
     big, small = CONFIGS[0], CONFIGS[1]
     cost_big = _waves(big, m, n, num_programs) * big.block_m * big.block_n
     cost_small = _waves(small, m, n, num_programs) * small.block_m * small.block_n / 0.9
