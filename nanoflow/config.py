@@ -50,6 +50,13 @@ class EngineConfig:
     kv_host_gb: float = 0.0
     """Host-memory (pinned) tier behind the KV cache, in GiB: cached blocks are also copied there when
     released, and a hit there is copied back instead of recomputed (0: no host tier). Needs prefix caching."""
+    kv_disk_gb: float = 0.0
+    """Disk tier behind the host tier, in GiB (0: none): a block the host tier evicts is written to one
+    preallocated file, and a hit there is read back through a host slot instead of recomputed. Needs
+    kv_host_gb > 0."""
+    kv_disk_dir: str | None = None
+    """Directory of the disk tier's file (created if missing; the file is deleted at shutdown); defaults
+    to a new temporary directory under the system's temp dir, removed at shutdown."""
     use_triton: str = "auto"
     """'auto' (Triton kernels on CUDA), 'on' or 'off' (torch reference kernels)."""
     enforce_eager: bool = False
@@ -99,6 +106,14 @@ class EngineConfig:
             raise ValueError(f"kv_host_gb must be >= 0, got {self.kv_host_gb}")
         if self.kv_host_gb > 0 and not self.enable_prefix_caching:
             raise ValueError("kv_host_gb needs prefix caching (drop --no-enable-prefix-caching)")
+        if not self.kv_disk_gb >= 0:
+            raise ValueError(f"kv_disk_gb must be >= 0, got {self.kv_disk_gb}")
+        if self.kv_disk_gb > 0 and not self.enable_prefix_caching:
+            raise ValueError("kv_disk_gb needs prefix caching (drop --no-enable-prefix-caching)")
+        if self.kv_disk_gb > 0 and not self.kv_host_gb > 0:
+            raise ValueError("kv_disk_gb needs the host tier in front of it: pass --kv-host-gb > 0 too")
+        if self.kv_disk_dir is not None and not self.kv_disk_gb > 0:
+            raise ValueError("kv_disk_dir is set but the disk tier is off: pass --kv-disk-gb > 0 too")
         if self.kv_admission_ratio <= 0:
             raise ValueError(f"kv_admission_ratio must be positive, got {self.kv_admission_ratio}")
         if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int) \

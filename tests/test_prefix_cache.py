@@ -1,7 +1,8 @@
 """Prefix caching and the host tier, below the model: the prefix tree, the pool's LRU eviction, and a
 hypothesis state machine that runs the scheduler against a simulated KV cache whose contents are the
 tokens themselves, so a cache hit that returns the wrong KV (aliasing, a stale host copy, a block
-reused mid-copy) fails the run, and no block may leak across eviction, abort, preemption and host swap."""
+reused mid-copy, a disk slot written from an unfinished save) fails the run, and no block may leak
+across eviction, abort, preemption, host swap and disk spill."""
 from __future__ import annotations
 
 import itertools
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from nanoflow.engine.kv_cache import BlockPool, KVCacheError, KVCacheManager
+from nanoflow.engine.kv_disk_tier import DiskKVTier
 from nanoflow.engine.kv_host_tier import HostKVTier, HostSlots, _runs
 from nanoflow.engine.prefix_cache import PrefixTree
 from nanoflow.engine.request import PENDING_TOKEN, Request, RequestStatus
@@ -153,7 +155,7 @@ class DelayedTier(HostKVTier):
             job.run()
         self.jobs = []
         HostKVTier.load(self, slots, blocks)
-        HostKVTier.load(self, slots, blocks)
+        return HostKVTier.load(self, slots, blocks)
 
 
 class _Job:
@@ -182,21 +184,30 @@ SYSTEM_PROMPTS = [list(range(11, 23)), [11, 12, 13, 20, 21, 22, 23, 24, 25, 26],
 
 class PrefixCacheMachine(RuleBasedStateMachine):
     """The engine's loop over the real scheduler and KV manager, with async scheduling's pending
-    tokens, stops, aborts, preemption (overcommitted admission), eviction and a host tier."""
+    tokens, stops, aborts, preemption (overcommitted admission), eviction, a host tier and a disk tier
+    behind it (few slots, a small per-step budget: spills, disk-slot eviction and truncated hits)."""
 
     @initialize(num_blocks=st.integers(8, 20), block_size=st.sampled_from([1, 2, 2, 4]),
                 budget=st.integers(1, 24), ratio=st.sampled_from([1.0, 3.0]),
                 host=st.sampled_from(["none", "sync", "delayed", "delayed"]), host_slots=st.integers(1, 48),
-                delay=st.integers(0, 3))
-    def setup(self, num_blocks, block_size, budget, ratio, host, host_slots, delay):
+                delay=st.integers(0, 3), disk_slots=st.sampled_from([0, 0, 1, 3, 12, 40]),
+                disk_budget=st.sampled_from([1, 2, 100]))
+    def setup(self, num_blocks, block_size, budget, ratio, host, host_slots, delay, disk_slots, disk_budget):
         self.bs = block_size
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=True)
         # The simulated KV: K holds the token at each slot, V its position.
         self.cache = torch.full((1, 2, num_blocks, block_size, 1, 1), -1, dtype=torch.int64)
+        disk_slots = disk_slots if host != "none" else 0
+        if disk_slots:
+            host_slots = 1 + host_slots % 4  # a small host tier spills often
         if host == "sync":
             self.kv.attach_host_tier(HostKVTier(self.cache, host_slots))
         elif host == "delayed":
             self.kv.attach_host_tier(DelayedTier(self.cache, host_slots, delay))
+        self.disk = None
+        if disk_slots:
+            self.disk = DiskKVTier(self.kv.host, disk_slots, bytes_per_step=disk_budget * self.kv.host.block_bytes)
+            self.kv.attach_disk_tier(self.disk)
         self.sched = Scheduler(SchedulerConfig(budget, 4, ratio, max_deferred=3), self.kv)
         self.capacity = num_blocks * block_size
         self.truth: dict[Request, list[int]] = {}  # every token's real value (pending ones included)
@@ -306,6 +317,9 @@ class PrefixCacheMachine(RuleBasedStateMachine):
         assert self.kv.pool.num_cached == 0 and list(self.kv.tree.walk()) == []
         assert self.kv.num_host_slots_used == 0
         self.kv.check_invariant()
+        if self.disk is not None:
+            assert self.disk.num_used == 0
+            self.disk.close()
 
 
 TestPrefixCacheMachine = PrefixCacheMachine.TestCase

@@ -64,7 +64,8 @@ def run_conversations(engine, conversations: list[Conversation], temperature: fl
 
 
 KV_COUNTERS = ("tokens_computed", "prefill_tokens_computed", "prefix_cache_queries", "prefix_cache_hits",
-               "prefix_cache_host_hits", "kv_host_blocks_saved", "kv_host_blocks_loaded", "num_preemptions")
+               "prefix_cache_host_hits", "kv_host_blocks_saved", "kv_host_blocks_loaded", "prefix_cache_disk_hits",
+               "kv_disk_blocks_written", "kv_disk_blocks_read", "num_preemptions")
 """EngineStats counters a run reports the change of."""
 
 
@@ -97,6 +98,9 @@ def format_kv_reuse(label: str, kv: dict) -> str:
     if kv["kv_host_blocks_saved"] or kv["kv_host_blocks_loaded"]:
         line += (f"; host tier: {kv['prefix_cache_host_hits']:,} hit tokens, {kv['kv_host_blocks_saved']:,} "
                  f"blocks saved, {kv['kv_host_blocks_loaded']:,} loaded")
+    if kv.get("kv_disk_blocks_written") or kv.get("kv_disk_blocks_read"):
+        line += (f"; disk tier: {kv['prefix_cache_disk_hits']:,} hit tokens, {kv['kv_disk_blocks_written']:,} "
+                 f"blocks written, {kv['kv_disk_blocks_read']:,} read")
     if kv["num_preemptions"]:
         line += f"; {kv['num_preemptions']} preemptions"
     return line

@@ -17,6 +17,7 @@ from nanoflow.engine.detokenizer import IncrementalDetokenizer, check_stop_token
 from nanoflow.engine.errors import StepFatalError
 from nanoflow.engine import prompt_logprobs as prompt_lp
 from nanoflow.engine.kv_cache import KVCacheManager
+from nanoflow.engine.kv_disk_tier import DiskKVTier
 from nanoflow.engine.kv_host_tier import HostKVTier
 from nanoflow.engine.request import PENDING_TOKEN, Request, RequestStatus
 from nanoflow.engine.runner import ModelRunner, choose_num_blocks
@@ -88,7 +89,17 @@ class EngineStats:
     kv_host_blocks_saved: int = 0
     """Blocks copied to the host tier so far."""
     kv_host_blocks_loaded: int = 0
-    """Blocks copied back from the host tier so far."""
+    """Blocks copied back from the host tier so far (disk-tier hits included)."""
+    prefix_cache_disk_hits: int = 0
+    """Of the hits, tokens read back from the disk tier (not in prefix_cache_host_hits)."""
+    kv_disk_blocks_used: int = 0
+    """Disk-tier slots holding a block."""
+    kv_disk_blocks_total: int = 0
+    """Disk-tier slots (0: no disk tier)."""
+    kv_disk_blocks_written: int = 0
+    """Blocks written to the disk tier so far."""
+    kv_disk_blocks_read: int = 0
+    """Blocks read back from the disk tier so far."""
     tokens_computed: int = 0
     """Tokens fed through the model so far (prefill and decode)."""
     prefill_tokens_computed: int = 0
@@ -179,6 +190,11 @@ class LLMEngine:
             if slots == 0:
                 raise ValueError(f"kv_host_gb {self.config.kv_host_gb} holds no KV block")
             self.kv.attach_host_tier(HostKVTier(self.runner.kv_all, slots))
+            if self.config.kv_disk_gb > 0:
+                disk_slots = DiskKVTier.slots_for_bytes(self.kv.host, self.config.kv_disk_gb * (1 << 30))
+                if disk_slots == 0:
+                    raise ValueError(f"kv_disk_gb {self.config.kv_disk_gb} holds no KV block")
+                self.kv.attach_disk_tier(DiskKVTier(self.kv.host, disk_slots, self.config.kv_disk_dir))
         self._executors: dict[str, object] = {}
         self.set_plan(self.config.plan)
         self.sampler = Sampler(self.eos_token_ids, seed=self.config.seed)
@@ -191,10 +207,12 @@ class LLMEngine:
         """(start_s, end_s, num_tokens) of every step, for benchmarks."""
 
     def shutdown(self) -> None:
-        """Stops the tensor-parallel worker ranks and leaves their process group (nothing on one rank;
-        also done at garbage collection and interpreter exit). The engine cannot step afterwards."""
+        """Stops the tensor-parallel worker ranks and leaves their process group, and deletes the disk
+        tier's file (also done at garbage collection and interpreter exit). The engine cannot step afterwards."""
         if self.tp is not None:
             self.tp.shutdown()
+        if self.kv.disk is not None:
+            self.kv.disk.close()
 
     def _eos_ids(self) -> list[int]:
         ids = list(self.model_config.eos_token_ids)
@@ -542,11 +560,19 @@ class LLMEngine:
                            kv_host_blocks_used=self.kv.num_host_slots_used,
                            kv_host_blocks_total=self.kv.host.num_slots if self.kv.host else 0,
                            kv_host_blocks_saved=pc.blocks_saved, kv_host_blocks_loaded=pc.blocks_loaded,
+                           prefix_cache_disk_hits=pc.disk_hits, **self._disk_stats(),
                            tokens_computed=sc.tokens_computed, prefill_tokens_computed=sc.prefill_tokens_computed,
                            num_preemptions=sc.num_preemptions)
 
+    def _disk_stats(self) -> dict[str, int]:
+        disk = self.kv.disk
+        if disk is None:
+            return {}
+        return dict(kv_disk_blocks_used=disk.num_used, kv_disk_blocks_total=disk.num_slots,
+                    kv_disk_blocks_written=disk.blocks_written, kv_disk_blocks_read=disk.blocks_read)
+
     def reset_prefix_cache(self) -> None:
-        """Forgets every cached prefix no request is using (device and host tier)."""
+        """Forgets every cached prefix no request is using (device, host and disk tiers)."""
         self.kv.reset_prefix_cache()
 
     def check_kv_invariant(self) -> None:

@@ -9,14 +9,16 @@ one LRU queue: uncached blocks at its front (handed out first), cached ones appe
 request's blocks last-first (so its prefix outlives its tail). A new request reuses the longest
 cached prefix of its tokens, but always computes at least its last token (the logits are needed).
 With a host tier, a cached block whose last user lets go is also copied to host memory; a hit there
-is copied back instead of recomputed.
+is copied back instead of recomputed. With a disk tier behind it (kv_disk_tier.py), a block the host
+tier evicts is written to disk first; a hit there is read into a host slot and copied back from it.
 """
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
-from nanoflow.engine.kv_host_tier import CopyHandle, HostKVTier, HostSlots
+from nanoflow.engine.kv_disk_tier import DiskKVTier
+from nanoflow.engine.kv_host_tier import MAX_BLOCKS_PER_COPY, CopyHandle, HostKVTier, HostSlots
 from nanoflow.engine.prefix_cache import Node, PrefixHit, PrefixTree
 
 
@@ -126,7 +128,9 @@ class PrefixCacheStats:
     blocks_saved: int = 0
     """Blocks copied to the host tier."""
     blocks_loaded: int = 0
-    """Blocks copied back from the host tier."""
+    """Blocks copied back from the host tier (disk-tier hits included: they pass through a host slot)."""
+    disk_hits: int = 0
+    """Of the hits, tokens read back from the disk tier (not counted in host_hits)."""
 
 
 @dataclass
@@ -154,6 +158,10 @@ class KVCacheManager:
         self.host: HostKVTier | None = None
         self._host_slots: HostSlots | None = None
         self._host_enabled = False
+        self.disk: DiskKVTier | None = None
+        self._fences: dict[int, CopyHandle | None] = {}
+        """With a disk tier: the last copy into or out of each host slot (None: its save is queued, not
+        issued, so the slot does not hold its node's bytes), which the host's accesses wait for."""
         self._to_save: list[tuple[int, Node, int]] = []  # (held block, node, slot) waiting for flush()
         self._saving: list[tuple[CopyHandle, list[int]]] = []  # copies in flight and the blocks they hold
         self._late: list[tuple[object, _Seq]] = []  # finished requests waiting for their last token
@@ -198,7 +206,8 @@ class KVCacheManager:
         if not self.enable_prefix_caching or getattr(request.params, "prompt_logprobs", None) is not None:
             return PrefixHit()  # prompt logprobs need every prompt row computed (as vLLM: no hit for them)
         known = request.num_tokens - request.num_pending_tokens
-        return self.tree.lookup(request, (known - 1) // self.block_size, self._host_enabled)
+        hit = self.tree.lookup(request, (known - 1) // self.block_size, self._host_enabled)
+        return self.disk.within_budget(hit) if hit.num_disk else hit
 
     def admit(self, request, hit: PrefixHit, num_total_tokens: int) -> bool:
         """Gives a request its cached prefix plus blocks for num_total_tokens; False (and nothing
@@ -217,25 +226,31 @@ class KVCacheManager:
         self.pool.share(on_device)
         new = iter(self.pool.allocate(need))
         loads: list[tuple[int, int]] = []
+        reads: list[tuple[Node, int]] = []
         for node in hit.nodes:
-            if node.block is None:  # host-tier hit: a fresh device block, filled by a copy
+            if node.block is None:  # host- or disk-tier hit: a fresh device block, filled by a copy
                 block = next(new)
                 node.block = block
                 self.tree.node_of_block[block] = node
                 self.pool.mark_cached(block)
-                self._host_slots.touch(node.host_slot)
-                loads.append((node.host_slot, block))
+                if node.host_slot is None:
+                    reads.append((node, block))
+                else:
+                    self._host_slots.touch(node.host_slot)
+                    loads.append((node.host_slot, block))
             seq.blocks.append(node.block)
         seq.blocks.extend(new)
         if loads:
-            self.host.load([s for s, _ in loads], [b for _, b in loads])
-            self.stats.blocks_loaded += len(loads)
+            self._load([s for s, _ in loads], [b for _, b in loads])
+        if reads:
+            self._read_from_disk(reads)
         known = request.num_tokens - request.num_pending_tokens
         if self.enable_prefix_caching:  # claim the full blocks it will compute: others wait for them
             self.tree.extend(request, seq.chain, known // self.block_size, owner=rid)
         self.stats.queries += known
         self.stats.hits += hit.num_tokens(self.block_size)
         self.stats.host_hits += hit.num_host * self.block_size
+        self.stats.disk_hits += hit.num_disk * self.block_size
         return True
 
     def commit(self, request, seq: _Seq | None = None) -> bool:
@@ -319,6 +334,13 @@ class KVCacheManager:
         self._host_slots = HostSlots(tier.num_slots)
         self._host_enabled = self.enable_prefix_caching
 
+    def attach_disk_tier(self, tier: DiskKVTier) -> None:
+        if self.host is None or tier.host is not self.host:
+            raise KVCacheError("the disk tier goes behind this manager's host tier: attach that first")
+        if self._seqs:
+            raise KVCacheError("attach the disk tier before any request")
+        self.disk = tier
+
     @property
     def host_tier_enabled(self) -> bool:
         return self._host_enabled
@@ -343,12 +365,50 @@ class KVCacheManager:
             raise ValueError(f"cannot {what} while {len(self._seqs)} requests hold KV blocks")
 
     def _queue_save(self, block: int, node: Node) -> None:
+        slot = self._take_host_slot(node)
+        if self.disk is not None:
+            self._fences[slot] = None  # written when flush() issues the save
+        self._to_save.append((block, node, slot))
+
+    def _take_host_slot(self, node: Node, keep: set[Node] | frozenset = frozenset()) -> int:
+        """A host slot for `node`. The node the slot is taken from (LRU) is written to the disk tier
+        when there is one and the slot holds its bytes (its save is issued and done), else forgotten."""
         slot, evicted = self._host_slots.acquire(node)
         if evicted is not None:
             evicted.host_slot = None
+            fence = self._fences.get(slot)
+            if self.disk is not None and fence is not None and fence.done():
+                gone = self.disk.spill(evicted, slot, keep)
+                if gone is not None:
+                    self.tree.prune(gone)
             self.tree.prune(evicted)
         node.host_slot = slot
-        self._to_save.append((block, node, slot))
+        return slot
+
+    def _load(self, slots: list[int], blocks: list[int]) -> None:
+        handle = self.host.load(slots, blocks)
+        self.stats.blocks_loaded += len(blocks)
+        if self.disk is not None:
+            for s in slots:
+                self._fences[s] = handle
+
+    def _read_from_disk(self, reads: list[tuple[Node, int]]) -> None:
+        """Reads disk-tier hits into host slots, then loads those to the hits' device blocks. A chunk
+        holds at most num_slots reads, so its slots are distinct; the blocks not read yet stay on disk."""
+        unread = {node for node, _ in reads}
+        step = min(MAX_BLOCKS_PER_COPY, self.host.num_slots)
+        for lo in range(0, len(reads), step):
+            chunk = reads[lo:lo + step]
+            slots = []
+            for node, _ in chunk:
+                slot = self._take_host_slot(node, keep=unread)
+                fence = self._fences.get(slot)
+                if fence is not None:  # an earlier copy into or out of this slot must be finished
+                    fence.wait()
+                self.disk.read(node, slot)
+                unread.discard(node)
+                slots.append(slot)
+            self._load(slots, [b for _, b in chunk])
 
     def flush(self) -> None:
         """Issues the queued saves (one copy, on the copy stream)."""
@@ -361,8 +421,12 @@ class KVCacheManager:
         self.pool.release(stale)
         if live:
             blocks, slots = [b for b, _ in live], [s for _, s in live]
-            self._saving.append((self.host.save(blocks, slots), blocks))
+            handle = self.host.save(blocks, slots)
+            self._saving.append((handle, blocks))
             self.stats.blocks_saved += len(blocks)
+            if self.disk is not None:
+                for s in slots:
+                    self._fences[s] = handle
         self._poll_saves()
 
     def poll(self) -> None:
@@ -371,6 +435,8 @@ class KVCacheManager:
         if self._late:
             self._release_late(force=False)
         self._poll_saves()
+        if self.disk is not None:
+            self.disk.new_step()
 
     def _poll_saves(self) -> None:
         if not self._saving:
@@ -407,6 +473,8 @@ class KVCacheManager:
             for slot, node in list(self._host_slots.items()):
                 node.host_slot = None
                 self._host_slots.release(slot)
+        if self.disk is not None:
+            self.disk.clear()
         for node in list(self.tree.walk()):
             self.tree.prune(node)
 
@@ -451,6 +519,10 @@ class KVCacheManager:
                 raise KVCacheError("host slots and the tree disagree")
         elif slots:
             raise KVCacheError("nodes hold host slots without a host tier")
+        problem = self.disk.check(nodes) if self.disk is not None else (
+            "nodes hold disk slots without a disk tier" if any(n.disk_slot is not None for n in nodes) else None)
+        if problem:
+            raise KVCacheError(problem)
         for rid, seq in seqs.items():
             if seq.num_committed > min(len(seq.chain), len(seq.blocks)):
                 raise KVCacheError(f"{rid}: {seq.num_committed} committed of {len(seq.blocks)} blocks")

@@ -144,13 +144,14 @@ class HostKVTier:
             event.record(self.stream)
         return CopyHandle(event)
 
-    def load(self, slots: list[int], blocks: list[int]) -> None:
-        """Copies host slots into device blocks; the compute stream waits for it before its next step."""
+    def load(self, slots: list[int], blocks: list[int]) -> CopyHandle:
+        """Copies host slots into device blocks; the compute stream waits for it before its next step.
+        The host must not overwrite the slots until the handle is done."""
         if len(blocks) != len(slots):
             raise ValueError("load: one block per slot")
         if self.stream is None:
             self._blocks[torch.tensor(blocks, dtype=torch.long)] = self.buffer[torch.tensor(slots, dtype=torch.long)]
-            return
+            return CopyHandle(None)
         with torch.cuda.stream(self.stream):
             self._after_compute()
             for lo in range(0, len(blocks), MAX_BLOCKS_PER_COPY):
@@ -163,6 +164,7 @@ class HostKVTier:
             event = torch.cuda.Event()
             event.record(self.stream)
         torch.cuda.current_stream(self.device).wait_event(event)
+        return CopyHandle(event)
 
     def close(self) -> None:
         """Unregisters the page-locked buffer (the engine calls this when it is torn down)."""

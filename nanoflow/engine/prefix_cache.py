@@ -7,10 +7,10 @@ different token prefixes can never share a node (no hash collision can alias KV)
 as vLLM's block hash of (parent hash, block tokens), made exact. Nothing else changes a block's KV:
 the model, the KV dtype and the block size are fixed per engine, the position is the depth.
 
-A node's KV may live on the device (`block`), in the host tier (`host_slot`), in both, or nowhere
-(an interior node kept because of its children or its users). `owner` marks a node whose block a
-running request is computing right now: a request that needs it waits for it instead of computing it
-a second time. `users` counts the requests whose block table follows the node (they keep it alive).
+A node's KV may live on the device (`block`), in the host tier (`host_slot`), in the disk tier
+(`disk_slot`), in several of them, or nowhere (an interior node kept because of its children or its
+users). `owner` marks a node whose block a running request is computing right now: a request that
+needs it waits for it instead of computing it a second time. `users` counts the requests whose block table follows the node (they keep it alive).
 
 This module is bookkeeping only; KVCacheManager (kv_cache.py) owns the blocks and the ref counts.
 """
@@ -28,7 +28,7 @@ class TokenSource(Protocol):
 
 
 class Node:
-    __slots__ = ("tokens", "parent", "children", "block", "host_slot", "owner", "users")
+    __slots__ = ("tokens", "parent", "children", "block", "host_slot", "disk_slot", "owner", "users")
 
     def __init__(self, tokens: tuple[int, ...], parent: "Node | None"):
         self.tokens = tokens
@@ -38,6 +38,8 @@ class Node:
         """Device block holding this node's KV, or None."""
         self.host_slot: int | None = None
         """Host-tier slot holding a copy of this node's KV, or None."""
+        self.disk_slot: int | None = None
+        """Disk-tier slot holding a copy of this node's KV, or None."""
         self.owner: str | None = None
         """Request id computing this block now (its KV is not ready yet), or None."""
         self.users = 0
@@ -46,8 +48,8 @@ class Node:
     @property
     def unused(self) -> bool:
         """Holds nothing and nobody needs it: it can leave the tree."""
-        return (self.block is None and self.host_slot is None and self.owner is None
-                and self.users == 0 and not self.children)
+        return (self.block is None and self.host_slot is None and self.disk_slot is None
+                and self.owner is None and self.users == 0 and not self.children)
 
 
 @dataclass
@@ -58,6 +60,8 @@ class PrefixHit:
     """The matched nodes in order; each has a device block or a host slot."""
     num_host: int = 0
     """How many of them are only in the host tier (they are copied back to the device)."""
+    num_disk: int = 0
+    """How many of them are only in the disk tier (read into the host tier, then copied back)."""
     wait: bool = False
     """The block after the hit is being computed by a running request: admitting this request one
     step later reuses it instead of computing it twice."""
@@ -78,7 +82,8 @@ class PrefixTree:
         return tuple(source.token_slice(j * bs, (j + 1) * bs))
 
     def lookup(self, source: TokenSource, max_blocks: int, use_host: bool) -> PrefixHit:
-        """Walks the tree along the request's first max_blocks full blocks."""
+        """Walks the tree along the request's first max_blocks full blocks (use_host: the host and
+        disk tiers' copies count too)."""
         hit = PrefixHit()
         node = self.root
         for j in range(max_blocks):
@@ -86,10 +91,13 @@ class PrefixTree:
             if child is None:
                 break
             if child.block is None:
-                if child.host_slot is None or not use_host:
+                if not use_host or (child.host_slot is None and child.disk_slot is None):
                     hit.wait = child.owner is not None
                     break
-                hit.num_host += 1
+                if child.host_slot is not None:
+                    hit.num_host += 1
+                else:
+                    hit.num_disk += 1
             hit.nodes.append(child)
             node = child
         return hit
@@ -108,7 +116,8 @@ class PrefixTree:
             if child is None:
                 child = Node(key, node)
                 node.children[key] = child
-            if owner is not None and child.owner is None and child.block is None and child.host_slot is None:
+            if (owner is not None and child.owner is None and child.block is None and child.host_slot is None
+                    and child.disk_slot is None):
                 child.owner = owner
             child.users += 1
             chain.append(child)
