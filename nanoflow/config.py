@@ -56,7 +56,8 @@ class EngineConfig:
     kv_host_gb > 0."""
     kv_disk_dir: str | None = None
     """Directory of the disk tier's file (created if missing; the file is deleted at shutdown); defaults
-    to a new temporary directory under the system's temp dir, removed at shutdown."""
+    to a new temporary directory under the system's temp dir, removed at shutdown (where that is a
+    tmpfs, the file takes RAM: point this at a real disk)."""
     use_triton: str = "auto"
     """'auto' (Triton kernels on CUDA), 'on' or 'off' (torch reference kernels)."""
     enforce_eager: bool = False
