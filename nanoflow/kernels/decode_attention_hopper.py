@@ -56,7 +56,7 @@ except Exception as exc:  # noqa: BLE001 - any failure just disables this kernel
 TESTED_TRITON = ("3.6",)
 """Triton releases whose Gluon API this kernel was written and checked against."""
 
-BLOCK_T = 64   # tokens per tile: the wgmma M dimension
+BLOCK_T = 64   # tokens per tile (bf16; fp8: HopperDecodeConfig.fp8_tile_tokens): the wgmma M dimension
 NP = 8         # query-head columns per item (the GQA group, padded): the wgmma N dimension
 MAX_GROUP = NP
 
@@ -73,12 +73,22 @@ class HopperDecodeConfig:
     """Register cap per thread (8 warps' worth of registers are allocated per CTA)."""
     producer_registers: int = 48
     """Registers per thread of the producer warp (setmaxnreg)."""
+    fp8_tile_tokens: int = 64
+    """KV tokens per tile with an fp8 cache (64 or 128; bf16 tiles are always 64): a 128-token tile
+    is two 64-row wgmmas per product, so the per-tile fixed costs (barrier waits, the softmax max
+    reduction, page-index loads) are spread over twice the bytes."""
 
     def __post_init__(self):
         if not 2 <= self.stages <= 8:
             raise ValueError(f"stages must be in 2..8, got {self.stages}")
         if self.ctas_per_sm < 1:
             raise ValueError(f"ctas_per_sm must be >= 1, got {self.ctas_per_sm}")
+        if self.fp8_tile_tokens not in (64, 128):
+            raise ValueError(f"fp8_tile_tokens must be 64 or 128, got {self.fp8_tile_tokens}")
+
+    def tile_tokens(self, fp8: bool) -> int:
+        """KV tokens per tile for this cache dtype."""
+        return self.fp8_tile_tokens if fp8 else BLOCK_T
 
 
 def _triton_ok() -> bool:
@@ -120,7 +130,6 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor) -> str | None:
 
 
 if gluon is not None:
-    _BT = gl.constexpr(BLOCK_T)
     _NP = gl.constexpr(NP)
 
     @gluon.jit
@@ -365,8 +374,7 @@ if gluon is not None:
                        NUM_KV_HEADS: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                        BLOCK_SIZE: gl.constexpr, STAGES: gl.constexpr, FP8: gl.constexpr,
                        BLOCK_R: gl.constexpr, ROWS_FROM_DEVICE: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                       num_warps: gl.constexpr):
-        BT: gl.constexpr = _BT
+                       BT: gl.constexpr, num_warps: gl.constexpr):
         KSPLIT: gl.constexpr = 1 if FP8 else HEAD_DIM // 64
         KW: gl.constexpr = HEAD_DIM // KSPLIT
         if ROWS_FROM_DEVICE:  # CUDA-graph form: rows row0.. below the device's count are the requests
@@ -476,7 +484,8 @@ def paged_decode_attention(
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     ksplit = 1 if fp8 else head_dim // 64
     kw = head_dim // ksplit
-    box = min(block_size, BLOCK_T)
+    tile = cfg.tile_tokens(fp8)
+    box = min(block_size, tile)
     rows = num_blocks * block_size
     k_desc = _descriptor(k_cache.view(rows, num_kv_heads * head_dim), [box, kw])
     v_desc = _descriptor(v_cache.view(rows, num_kv_heads * head_dim), [box, kw])
@@ -498,7 +507,7 @@ def paged_decode_attention(
         float(scale * 1.4426950408889634 * k_scale), float(v_scale),
         NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         STAGES=cfg.stages, FP8=fp8, BLOCK_R=block_r,
-        ROWS_FROM_DEVICE=num_rows is not None, PRODUCER_REGS=cfg.producer_registers,
+        ROWS_FROM_DEVICE=num_rows is not None, PRODUCER_REGS=cfg.producer_registers, BT=tile,
         num_warps=4, maxnreg=cfg.max_registers,
     )
     return plan.merge(part_o, part_ml, part_id, out, num_kv_heads)
