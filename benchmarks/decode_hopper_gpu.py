@@ -76,17 +76,19 @@ class Checker:
 
 
 FP8_CHECK_CONFIGS = {"t64": hopper.HopperDecodeConfig(fp8_tile_tokens=64),
-                     "t128": hopper.HopperDecodeConfig(fp8_tile_tokens=128, stages=2)}
+                     "t128": hopper.HopperDecodeConfig(fp8_tile_tokens=128, stages=2),
+                     "pipe": hopper.HopperDecodeConfig(pipeline_pv=True)}
 """fp8 tile sizes checked (each case runs the fp8 kernel with both)."""
 
 
 def parse_config(text: str) -> hopper.HopperDecodeConfig | None:
-    """'default' (None: the kernel's own choice) or ctas_per_sm/stages/maxnreg[/fp8 tile tokens]."""
+    """'default' (None: the kernel's own choice) or ctas_per_sm/stages/maxnreg[/fp8 tile tokens[/pipeline_pv]]."""
     if text == "default":
         return None
-    ctas, st, regs, *tile = (int(x) for x in text.split("/"))
+    ctas, st, regs, *rest = (int(x) for x in text.split("/"))
     return hopper.HopperDecodeConfig(stages=st, ctas_per_sm=ctas, max_registers=regs,
-                                     fp8_tile_tokens=tile[0] if tile else 64)
+                                     fp8_tile_tokens=rest[0] if rest else 64,
+                                     pipeline_pv=bool(rest[1]) if len(rest) > 1 else False)
 
 
 def section_check(args) -> dict:
@@ -238,7 +240,7 @@ def main():
     ap.add_argument("--variants", default="2/3/128,1/6/255,default",
                     help="bf16: 'default' or ctas_per_sm/stages/maxnreg (the first is the fp8 ratios' base)")
     ap.add_argument("--fp8-variants", default="2/5/128,2/2/128/128,default",
-                    help="fp8: 'default' or ctas_per_sm/stages/maxnreg[/tile tokens 64|128]")
+                    help="fp8: 'default' or ctas_per_sm/stages/maxnreg[/tile tokens 64|128[/pipeline_pv 0|1]]")
     ap.add_argument("--split-kv", type=int, default=1, help="1: time the split-KV kernel too (the old path)")
     args = ap.parse_args()
     props = torch.cuda.get_device_properties(DEV)

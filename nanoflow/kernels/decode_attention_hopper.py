@@ -77,12 +77,17 @@ class HopperDecodeConfig:
     """KV tokens per tile with an fp8 cache (64 or 128; bf16 tiles are always 64): a 128-token tile
     is two 64-row wgmmas per product, so the per-tile fixed costs (barrier waits, the softmax max
     reduction, page-index loads) are spread over twice the bytes."""
+    pipeline_pv: bool = False
+    """fp8: leave each tile's PV wgmma running under the next tile's QK product and V widening
+    (P and the widened V double-buffered), so its latency leaves the per-tile chain."""
 
     def __post_init__(self):
         if not 2 <= self.stages <= 8:
             raise ValueError(f"stages must be in 2..8, got {self.stages}")
         if self.ctas_per_sm < 1:
             raise ValueError(f"ctas_per_sm must be >= 1, got {self.ctas_per_sm}")
+        if self.pipeline_pv and self.fp8_tile_tokens != 64:
+            raise ValueError("pipeline_pv needs fp8_tile_tokens=64 (its double buffers would not fit)")
         if self.fp8_tile_tokens not in (64, 128):
             raise ValueError(f"fp8_tile_tokens must be 64 or 128, got {self.fp8_tile_tokens}")
 
@@ -364,6 +369,139 @@ if gluon is not None:
         gl.store(part_id_ptr + pid * 2, slot0)
         gl.store(part_id_ptr + pid * 2 + 1, slot1)
 
+    @gluon.jit
+    def _finish_item(acc0, acc1, l_i, m_i, own, last, r, h, item, pid, slot1, out_ptr, part_o_ptr, part_ml_ptr,
+                     stride_or, stride_oh, out_scale, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
+                     s_layout: gl.constexpr, o_layout: gl.constexpr):
+        """Write an item's (or a range end's) accumulator: normalised to out if this program owns
+        the whole item, else as a partial record; returns the updated slot-1 item id."""
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+        col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        g_s = gl.arange(0, _NP, layout=col_s)
+        g_o = gl.arange(0, _NP, layout=col_o)
+        d_o = gl.arange(0, 64, layout=row_o)
+        valid_g = g_o < GROUP
+        l_o = gl.convert_layout(gl.sum(l_i, 0), col_o)
+        if own and last:
+            inv = gl.where(l_o > 0.0, out_scale / l_o, 0.0)
+            base = out_ptr + r.to(gl.int64) * stride_or + h * GROUP * stride_oh
+            _write_item(base, acc0, inv, d_o, g_o, valid_g, stride_oh, 1)
+            if HEAD_DIM == 128:
+                _write_item(base + 64, acc1, inv, d_o, g_o, valid_g, stride_oh, 1)
+        else:
+            slot = own.to(gl.int32)
+            rec = (pid * 2 + slot) * GROUP
+            one = gl.full([_NP], out_scale, gl.float32, col_o)
+            _write_item(part_o_ptr + rec.to(gl.int64) * HEAD_DIM, acc0, one, d_o, g_o, valid_g, HEAD_DIM, 1)
+            if HEAD_DIM == 128:
+                _write_item(part_o_ptr + rec.to(gl.int64) * HEAD_DIM + 64, acc1, one, d_o, g_o, valid_g,
+                            HEAD_DIM, 1)
+            ml = part_ml_ptr + (rec + g_s) * 2
+            gl.store(ml, m_i, mask=g_s < GROUP)
+            gl.store(ml + 1, gl.convert_layout(l_o, col_s), mask=g_s < GROUP)
+            if own:
+                slot1 = item
+        return slot1
+
+    @gluon.jit
+    def _consumer_fp8_pipelined(qbuf, kbuf, vbuf, pbuf, v16buf, ready, empty, lens_ptr, qscale_ptr, out_ptr,
+                                part_o_ptr, part_ml_ptr, part_id_ptr, num_requests, stride_or, stride_oh,
+                                score_scale, out_scale, pid, r, h, t, n, length, next_len, num_tiles,
+                                NUM_KV_HEADS: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
+                                BT: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+        """The fp8 consumer with tile k's PV wgmma left in flight until tile k+1's QK product is
+        waited for: pbuf is [2, NP, BT] and v16buf [2 * NH, BT, 64] (tile k uses half k % 2); an
+        item ending at tile k is written once that wait returns (at tile k+1, or after the loop).
+        The stage is released as soon as its K (QK done) and V (widened) are read."""
+        NH: gl.constexpr = HEAD_DIM // 64
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, _NP, 32])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, _NP, 16])
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+        col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        tok = gl.arange(0, BT, layout=row_s)
+        g_s = gl.arange(0, _NP, layout=col_s)
+        m_i = gl.full([_NP], float("-inf"), gl.float32, col_s)
+        l_i = gl.zeros([BT, _NP], gl.float32, s_layout)
+        acc0 = gl.zeros([64, _NP], gl.float32, o_layout)
+        acc1 = gl.zeros([64, _NP], gl.float32, o_layout)
+        item = r * NUM_KV_HEADS + h
+        own = t == 0
+        slot0 = gl.where(num_tiles == 0, -2, gl.where(own, -1, item))
+        slot1 = gl.to_tensor(-1)
+        qs = gl.load(qscale_ptr + item * GROUP + g_s, mask=(g_s < GROUP) & (r < num_requests), other=0.0)
+        next_qs = gl.load(qscale_ptr + (item + 1) * GROUP + g_s,
+                          mask=(g_s < GROUP) & (item + 1 < num_requests * NUM_KV_HEADS), other=0.0)
+        col_scale = qs * score_scale
+        cvt_layout: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [num_warps, 1], [1, 0])
+        # the previous tile's item (written once its PV product is waited for)
+        w_last = False
+        w_own = own
+        w_r = r
+        w_h = h
+        w_item = item
+        for k in range(num_tiles):
+            stage = k % STAGES
+            buf = k % 2
+            mbarrier.wait(ready.index(stage), (k // STAGES) & 1)
+            s = warpgroup_mma(kbuf.index(stage), qbuf.index(stage).permute((1, 0)),
+                              gl.zeros([BT, _NP], gl.float32, s_layout), use_acc=False, is_async=True)
+            for sp in gl.static_range(NH):  # widen V while the QK (and the last PV) product runs
+                v8 = vbuf.index(stage).slice(sp * 64, 64, dim=1).load(cvt_layout)
+                v16buf.index(buf * NH + sp).store(v8.to(gl.float16))
+            s, acc0, acc1 = warpgroup_mma_wait(0, deps=(s, acc0, acc1))
+            mbarrier.arrive(empty.index(stage), count=1)
+            if w_last:
+                slot1 = _finish_item(acc0, acc1, l_i, m_i, w_own, True, w_r, w_h, w_item, pid, slot1, out_ptr,
+                                     part_o_ptr, part_ml_ptr, stride_or, stride_oh, out_scale, GROUP, HEAD_DIM,
+                                     s_layout, o_layout)
+            m_i = gl.where(t == 0, float("-inf"), m_i)
+            s = s * col_scale[None, :]
+            s = gl.where((t * BT + tok < length)[:, None], s, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, 0))
+            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = gl.exp2(m_i - m_safe)
+            p = gl.exp2(s - m_safe[None, :])
+            l_i = l_i * alpha[None, :] + p
+            pbuf.index(buf).store(gl.permute(p.to(gl.float16), (1, 0)))
+            fence_async_shared()
+            gl.thread_barrier()
+            alpha_o = gl.convert_layout(alpha, col_o)
+            acc0 = acc0 * alpha_o[None, :]
+            if NH == 2:
+                acc1 = acc1 * alpha_o[None, :]
+            acc0 = warpgroup_mma(v16buf.index(buf * NH).permute((1, 0)), pbuf.index(buf).permute((1, 0)), acc0,
+                                 is_async=True)
+            if NH == 2:
+                acc1 = warpgroup_mma(v16buf.index(buf * NH + 1).permute((1, 0)), pbuf.index(buf).permute((1, 0)),
+                                     acc1, is_async=True)
+            # no wait: both groups stay in flight (this only gives the loop-carried values their type)
+            acc0, acc1 = warpgroup_mma_wait(NH, deps=(acc0, acc1))
+            m_i = m_new
+            w_last = t == n - 1
+            w_own = own
+            w_r = r
+            w_h = h
+            w_item = item
+            r, h, t, n, length, next_len = _advance(r, h, t, n, length, next_len, lens_ptr, num_requests,
+                                                    NUM_KV_HEADS, BT)
+            own = own | (t == 0)
+            item = r * NUM_KV_HEADS + h
+            if t == 0:
+                col_scale = next_qs * score_scale
+                next_qs = gl.load(qscale_ptr + (item + 1) * GROUP + g_s,
+                                  mask=(g_s < GROUP) & (item + 1 < num_requests * NUM_KV_HEADS), other=0.0)
+        acc0, acc1 = warpgroup_mma_wait(0, deps=(acc0, acc1))
+        if num_tiles > 0:
+            slot1 = _finish_item(acc0, acc1, l_i, m_i, w_own, w_last, w_r, w_h, w_item, pid, slot1, out_ptr,
+                                 part_o_ptr, part_ml_ptr, stride_or, stride_oh, out_scale, GROUP, HEAD_DIM,
+                                 s_layout, o_layout)
+        gl.store(part_id_ptr + pid * 2, slot0)
+        gl.store(part_id_ptr + pid * 2 + 1, slot1)
+
     # Batch-dependent ints and row-sliced metadata pointers must not pick a new specialisation (a
     # mid-run compile of this kernel costs about a second).
     @gluon.jit(do_not_specialize=["num_requests", "stride_bt", "row0"],
@@ -374,7 +512,7 @@ if gluon is not None:
                        NUM_KV_HEADS: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                        BLOCK_SIZE: gl.constexpr, STAGES: gl.constexpr, FP8: gl.constexpr,
                        BLOCK_R: gl.constexpr, ROWS_FROM_DEVICE: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                       BT: gl.constexpr, num_warps: gl.constexpr):
+                       BT: gl.constexpr, PIPE: gl.constexpr, num_warps: gl.constexpr):
         KSPLIT: gl.constexpr = 1 if FP8 else HEAD_DIM // 64
         KW: gl.constexpr = HEAD_DIM // KSPLIT
         if ROWS_FROM_DEVICE:  # CUDA-graph form: rows row0.. below the device's count are the requests
@@ -390,9 +528,14 @@ if gluon is not None:
         qbuf = gl.allocate_shared_memory(q_desc.dtype, [STAGES * KSPLIT, _NP, KW], q_layout)
         pv_dtype: gl.constexpr = gl.float16 if FP8 else k_desc.dtype
         p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_NP, BT], pv_dtype)
-        pbuf = gl.allocate_shared_memory(pv_dtype, [_NP, BT], p_layout)
         v16_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BT, 64], gl.float16)
-        if FP8:
+        if PIPE:
+            pbuf = gl.allocate_shared_memory(pv_dtype, [2, _NP, BT], p_layout)
+        else:
+            pbuf = gl.allocate_shared_memory(pv_dtype, [_NP, BT], p_layout)
+        if PIPE:
+            v16buf = gl.allocate_shared_memory(gl.float16, [2 * (HEAD_DIM // 64), BT, 64], v16_layout)
+        elif FP8:
             v16buf = gl.allocate_shared_memory(gl.float16, [HEAD_DIM // 64, BT, 64], v16_layout)
         else:  # unused
             v16buf = gl.allocate_shared_memory(gl.float16, [1, 8, 64], v16_layout)
@@ -401,15 +544,27 @@ if gluon is not None:
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
-        gl.warp_specialize([
-            (_consumer, (qbuf, kbuf, vbuf, pbuf, v16buf, ready, empty, lens_ptr, qscale_ptr, out_ptr,
-                         part_o_ptr, part_ml_ptr, part_id_ptr, num_requests, stride_or, stride_oh,
-                         score_scale, out_scale, pid, r, h, t, n, length, next_len, num_tiles,
-                         NUM_KV_HEADS, GROUP, HEAD_DIM, BT, STAGES, KSPLIT, FP8, num_warps)),
-            (_producer, (q_desc, k_desc, v_desc, qbuf, kbuf, vbuf, ready, empty, bt_ptr, lens_ptr,
-                         num_requests, stride_bt, r, h, t, n, length, next_len, num_tiles,
-                         NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_SIZE, BT, STAGES, KSPLIT)),
-        ], [1], [PRODUCER_REGS])
+        if PIPE:
+            gl.warp_specialize([
+                (_consumer_fp8_pipelined, (
+                    qbuf, kbuf, vbuf, pbuf, v16buf, ready, empty, lens_ptr, qscale_ptr, out_ptr, part_o_ptr,
+                    part_ml_ptr, part_id_ptr, num_requests, stride_or, stride_oh, score_scale, out_scale, pid, r, h,
+                    t, n, length, next_len, num_tiles, NUM_KV_HEADS, GROUP, HEAD_DIM, BT, STAGES, num_warps)),
+                (_producer, (q_desc, k_desc, v_desc, qbuf, kbuf, vbuf, ready, empty, bt_ptr, lens_ptr,
+                             num_requests, stride_bt, r, h, t, n, length, next_len, num_tiles,
+                             NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_SIZE, BT, STAGES, KSPLIT)),
+            ], [1], [PRODUCER_REGS])
+        else:
+            gl.warp_specialize([
+                (_consumer, (
+                    qbuf, kbuf, vbuf, pbuf, v16buf, ready, empty, lens_ptr, qscale_ptr, out_ptr, part_o_ptr,
+                    part_ml_ptr, part_id_ptr, num_requests, stride_or, stride_oh, score_scale, out_scale, pid, r, h,
+                    t, n, length, next_len, num_tiles, NUM_KV_HEADS, GROUP, HEAD_DIM, BT, STAGES, KSPLIT, FP8,
+                    num_warps)),
+                (_producer, (q_desc, k_desc, v_desc, qbuf, kbuf, vbuf, ready, empty, bt_ptr, lens_ptr,
+                             num_requests, stride_bt, r, h, t, n, length, next_len, num_tiles,
+                             NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_SIZE, BT, STAGES, KSPLIT)),
+            ], [1], [PRODUCER_REGS])
 
 
 _GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float8_e4m3fn: "float8e4nv"}
@@ -508,6 +663,7 @@ def paged_decode_attention(
         NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         STAGES=cfg.stages, FP8=fp8, BLOCK_R=block_r,
         ROWS_FROM_DEVICE=num_rows is not None, PRODUCER_REGS=cfg.producer_registers, BT=tile,
+        PIPE=fp8 and cfg.pipeline_pv,
         num_warps=4, maxnreg=cfg.max_registers,
     )
     return plan.merge(part_o, part_ml, part_id, out, num_kv_heads)

@@ -50,8 +50,9 @@ def _rel(got, want):
 
 RAGGED = [0, 1, 63, 64, 65, 130, 1000, 3001]
 FP8_CONFIGS = [None, hopper.HopperDecodeConfig(fp8_tile_tokens=64), hopper.HopperDecodeConfig(fp8_tile_tokens=128,
-                                                                                              stages=2)]
-"""The default, and both fp8 tile sizes (64 / 128 tokens) explicitly."""
+                                                                                              stages=2),
+               hopper.HopperDecodeConfig(pipeline_pv=True)]
+"""The default, both fp8 tile sizes (64 / 128 tokens) and the pipelined-PV consumer explicitly."""
 
 
 @pytest.mark.parametrize("hk,group,d,bs,num_sms", [

@@ -122,6 +122,8 @@ def test_config_validation():
         hopper.HopperDecodeConfig(ctas_per_sm=0)
     with pytest.raises(ValueError, match="fp8_tile_tokens"):
         hopper.HopperDecodeConfig(fp8_tile_tokens=96)
+    with pytest.raises(ValueError, match="pipeline_pv"):
+        hopper.HopperDecodeConfig(fp8_tile_tokens=128, pipeline_pv=True)
     cfg = hopper.HopperDecodeConfig(fp8_tile_tokens=128)
     assert (cfg.tile_tokens(fp8=True), cfg.tile_tokens(fp8=False)) == (128, hopper.BLOCK_T)
 
