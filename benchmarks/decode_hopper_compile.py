@@ -39,6 +39,11 @@ def _load_kernel_module():
         sys.modules[pkg] = mod
     sys.modules["nanoflow.kernels.decode_attention_plan"] = types.ModuleType("plan")
     sys.modules["nanoflow.kernels"].decode_attention_plan = sys.modules["nanoflow.kernels.decode_attention_plan"]
+    parts_spec = importlib.util.spec_from_file_location("nanoflow.kernels.decode_attention_hopper_parts",
+                                                        ROOT / "nanoflow/kernels/decode_attention_hopper_parts.py")
+    parts = importlib.util.module_from_spec(parts_spec)
+    sys.modules[parts_spec.name] = parts
+    parts_spec.loader.exec_module(parts)
     spec = importlib.util.spec_from_file_location("decode_attention_hopper",
                                                   ROOT / "nanoflow/kernels/decode_attention_hopper.py")
     module = importlib.util.module_from_spec(spec)
