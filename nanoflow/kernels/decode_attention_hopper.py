@@ -381,8 +381,17 @@ def _descriptor(t2d: torch.Tensor, box: list[int]):
     return TensorDescriptor(t2d, list(t2d.shape), list(t2d.stride()), box, layout)
 
 
-def num_programs_for(num_sms: int, config: HopperDecodeConfig | None = None) -> int:
-    return (config or HopperDecodeConfig()).ctas_per_sm * num_sms
+FP8_DEFAULT_CONFIG = HopperDecodeConfig()
+"""The configuration an fp8 cache runs with when none is given (bf16: HopperDecodeConfig())."""
+
+
+def default_config(fp8: bool) -> HopperDecodeConfig:
+    """The launch configuration used when none is given, per cache dtype."""
+    return FP8_DEFAULT_CONFIG if fp8 else HopperDecodeConfig()
+
+
+def num_programs_for(num_sms: int, config: HopperDecodeConfig | None = None, fp8: bool = False) -> int:
+    return (config or default_config(fp8)).ctas_per_sm * num_sms
 
 
 def paged_decode_attention(
@@ -427,14 +436,14 @@ def paged_decode_attention(
         raise ValueError("num_rows must be an int32 tensor on q's device")
     if row0 < 0:
         raise ValueError(f"row0 must be >= 0, got {row0}")
-    cfg = config or HopperDecodeConfig()
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    cfg = config or default_config(fp8)
     if seq_lens.dtype != torch.int32 or block_tables.dtype != torch.int32:  # the kernel reads int32
         seq_lens, block_tables = seq_lens.to(torch.int32), block_tables.to(torch.int32)
     if num_sms is None:
         num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     nprog = cfg.ctas_per_sm * num_sms
     group = num_heads // num_kv_heads
-    fp8 = k_cache.dtype == torch.float8_e4m3fn
     ksplit = 1 if fp8 else head_dim // 64
     kw = head_dim // ksplit
     tile = cfg.tile_tokens(fp8)
