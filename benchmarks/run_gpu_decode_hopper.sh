@@ -9,5 +9,5 @@ tail -4 $OUT/smoke.txt
 grep -q "^check:" $OUT/smoke.txt || { echo "smoke test did not finish: stop"; exit 1; }
 timeout 100 python benchmarks/decode_hopper_gpu.py --section check > $OUT/check.txt 2>&1
 grep -v "^  ok" $OUT/check.txt | tail -25
-timeout 150 python benchmarks/decode_hopper_gpu.py --section perf "$@" > $OUT/perf.txt 2>&1
+timeout 200 python benchmarks/decode_hopper_gpu.py --section perf "$@" > $OUT/perf.txt 2>&1
 cat $OUT/perf.txt | tail -40
