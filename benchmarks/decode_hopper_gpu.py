@@ -75,6 +75,22 @@ class Checker:
             self.failures.append(name)
 
 
+FP8_CHECK_CONFIGS = {"t64": hopper.HopperDecodeConfig(fp8_tile_tokens=64),
+                     "t128": hopper.HopperDecodeConfig(fp8_tile_tokens=128, stages=2),
+                     "pipe": hopper.HopperDecodeConfig(pipeline_pv=True)}
+"""fp8 tile sizes checked (each case runs the fp8 kernel with both)."""
+
+
+def parse_config(text: str) -> hopper.HopperDecodeConfig | None:
+    """'default' (None: the kernel's own choice) or ctas_per_sm/stages/maxnreg[/fp8 tile tokens[/pipeline_pv]]."""
+    if text == "default":
+        return None
+    ctas, st, regs, *rest = (int(x) for x in text.split("/"))
+    return hopper.HopperDecodeConfig(stages=st, ctas_per_sm=ctas, max_registers=regs,
+                                     fp8_tile_tokens=rest[0] if rest else 64,
+                                     pipeline_pv=bool(rest[1]) if len(rest) > 1 else False)
+
+
 def section_check(args) -> dict:
     gen = torch.Generator().manual_seed(0)
     ck = Checker()
@@ -100,10 +116,11 @@ def section_check(args) -> dict:
             ks, vs = 0.05, 0.03
             k8, v8 = to_fp8(kc, ks), to_fp8(vc, vs)
             want8 = reference.paged_decode_attention(q.float(), k8.float() * ks, v8.float() * vs, table, sl, scale)
-            got8 = hopper.paged_decode_attention(q, k8, v8, table, sl, scale, num_sms=sms, k_scale=ks, v_scale=vs,
-                                                 out=torch.full_like(q, float("nan")))
-            torch.cuda.synchronize()
-            ck.check(f"fp8 {name}", rel_err(got8, want8), FP8_TOL)
+            for tag, cfg in FP8_CHECK_CONFIGS.items():
+                got8 = hopper.paged_decode_attention(q, k8, v8, table, sl, scale, num_sms=sms, k_scale=ks,
+                                                     v_scale=vs, config=cfg, out=torch.full_like(q, float("nan")))
+                torch.cuda.synchronize()
+                ck.check(f"fp8 {tag} {name}", rel_err(got8, want8), FP8_TOL)
         except Exception:  # noqa: BLE001 - report every case
             traceback.print_exc()
             ck.failures.append(name)
@@ -117,8 +134,9 @@ def section_check(args) -> dict:
     ck.check("bf16 R=256 ctx 512-2048 vs split-KV", rel_err(got, want), BF16_TOL)
     k8, v8 = to_fp8(kc, 1.0), to_fp8(vc, 1.0)
     want8 = split_kv.paged_decode_attention(q, k8, v8, table, sl, 128 ** -0.5)
-    got8 = hopper.paged_decode_attention(q, k8, v8, table, sl, 128 ** -0.5)
-    ck.check("fp8 R=256 ctx 512-2048 vs split-KV (fp8 cache, bf16 q)", rel_err(got8, want8), FP8_TOL)
+    for tag, cfg in [("default", None), *FP8_CHECK_CONFIGS.items()]:
+        got8 = hopper.paged_decode_attention(q, k8, v8, table, sl, 128 ** -0.5, config=cfg)
+        ck.check(f"fp8 {tag} R=256 ctx 512-2048 vs split-KV (fp8 cache, bf16 q)", rel_err(got8, want8), FP8_TOL)
     print(f"check: {len(ck.failures)} failures {ck.failures}")
     return dict(rows=ck.rows, failures=ck.failures)
 
@@ -163,16 +181,13 @@ def section_perf(args) -> dict:
         copy_bw[sms] = 2 * big.numel() / ms / 1e6
         print(f"copy on {sms} SMs: {copy_bw[sms]:.0f} GB/s (read + write)", flush=True)
     del big, big2
-    variants = [("split-KV (old)", None, None)]
+    variants = [("split-KV (old)", None, None)] if args.split_kv else []
     for text in args.variants.split(","):
-        ctas, st, regs = (int(x) for x in text.split("/"))
-        variants.append((f"hopper c{ctas} st{st} r{regs}", "bf16",
-                         hopper.HopperDecodeConfig(stages=st, ctas_per_sm=ctas, max_registers=regs)))
+        variants.append((f"hopper {text}", "bf16", parse_config(text)))
     for text in args.fp8_variants.split(","):
-        ctas, st, regs = (int(x) for x in text.split("/"))
-        variants.append((f"hopper fp8 c{ctas} st{st} r{regs}", "fp8",
-                         hopper.HopperDecodeConfig(stages=st, ctas_per_sm=ctas, max_registers=regs)))
-    variants.append(("split-KV (old) fp8", "old-fp8", None))
+        variants.append((f"hopper fp8 {text}", "fp8", parse_config(text)))
+    if args.split_kv:
+        variants.append(("split-KV (old) fp8", "old-fp8", None))
     for wl in args.workloads.split(","):
         r, lo, hi, bs = (int(x) for x in wl.split(":"))
         q, kc, vc, table, sl, ntok = workload(args, gen, r, lo, hi, bs)
@@ -203,6 +218,13 @@ def section_perf(args) -> dict:
                     line += f"  ERR {type(exc).__name__}"
                     rows.append(dict(workload=wl, kernel=name, sms=sms, error=repr(exc)[:300]))
             print(line, flush=True)
+        base = next((n for n, k, _ in variants if k == "bf16"), None)
+        mt = {(x["kernel"], x["sms"]): x["mtok_s"] for x in rows if x["workload"] == wl and "mtok_s" in x}
+        print(f"tokens/s relative to {base}:")
+        for name, kind, _ in variants:
+            if kind == "fp8" and base is not None:
+                print(f"  {name:<26}" + "".join(f"{mt.get((name, s), 0) / mt.get((base, s), 1e30):>8.2f}x"
+                                               for s, _ in targets), flush=True)
         del q, kc, vc, k8, v8
         torch.cuda.empty_cache()
     return dict(copy_gbs=copy_bw, rows=rows)
@@ -215,8 +237,12 @@ def main():
     ap.add_argument("--quick", action="store_true", help="check: the first case only (a smoke test)")
     ap.add_argument("--splits", default="64,48,40")
     ap.add_argument("--workloads", default="512:512:2048:16,512:512:2048:64,256:2048:4096:16")
-    ap.add_argument("--variants", default="2/3/128,1/6/255", help="bf16: ctas_per_sm/stages/maxnreg")
-    ap.add_argument("--fp8-variants", default="2/5/128")
+    ap.add_argument("--variants", default="2/3/128,1/6/255,default",
+                    help="bf16: 'default' or ctas_per_sm/stages/maxnreg (the first is the fp8 ratios' base)")
+    ap.add_argument("--fp8-variants", default="2/5/128,default,3/3/80,4/2/64,2/2/128/128,1/5/255/128,2/4/128/64/1,"
+                                              "3/2/80/64/1",
+                    help="fp8: 'default' or ctas_per_sm/stages/maxnreg[/tile tokens 64|128[/pipeline_pv 0|1]]")
+    ap.add_argument("--split-kv", type=int, default=1, help="1: time the split-KV kernel too (the old path)")
     args = ap.parse_args()
     props = torch.cuda.get_device_properties(DEV)
     import triton

@@ -3,8 +3,8 @@ KV tokens as the MMA's M dimension, a persistent stream-K grid sized to the SMs 
 
 Same function as reference.paged_decode_attention (plus per-tensor fp8 KV scales). The design:
 
-* Work is the flattened sequence of 64-token KV *tiles* over (request r, KV head h, tile t); request
-  r has n_r = max(1, cdiv(seq_len_r, 64)) tiles per KV head. Program p of P takes the contiguous
+* Work is the flattened sequence of BT-token KV *tiles* (BT = 64; fp8: 64 or 128) over (request r,
+  KV head h, tile t); request r has n_r = max(1, cdiv(seq_len_r, BT)) tiles per KV head. Program p of P takes the contiguous
   range [p*W/P, (p+1)*W/P) of the W tiles (stream-K: balanced by tiles, whatever the lengths). Each
   program finds its start from seq_lens on the device (two vector passes in its prologue), so no
   host value depends on device data.
@@ -23,7 +23,12 @@ Same function as reference.paged_decode_attention (plus per-tensor fp8 KV scales
   --kv-cache-dtype fp8). q is quantised to e4m3 per (request, head) row by a small Triton kernel
   (scale = amax / 448) and S^T is one fp8 wgmma (K read by the tensor cores as fp8: half the bytes).
   wgmma takes fp8 only K-major, and V^T is not, so the consumer widens each V tile to fp16 in shared
-  memory (exact: every e4m3 value is an fp16 value) and the PV product runs in fp16.
+  memory (exact: every e4m3 value is an fp16 value) and the PV product runs in fp16. A 64-token fp8
+  tile is half a bf16 tile's bytes for about the same per-tile chain of waits, barriers and
+  wgmmas, so two options (HopperDecodeConfig) lengthen what each chain carries or shorten it:
+  fp8_tile_tokens=128 (two 64-row wgmmas per product, the whole chain over twice the bytes) and
+  pipeline_pv (_consumer_fp8_pipelined: a tile's PV wgmma runs on under the next tile's QK
+  product and V widening, with P and the widened V double-buffered).
 * An item (r, h) fully inside one program's range is written normalised to `out`. One cut by a range
   boundary leaves an unnormalised partial (acc, m, l): slot 1 of the program where it starts, slot 0
   of each later program covering it; the combine kernel (decode_attention_plan.merge) merges them.
@@ -41,6 +46,7 @@ import torch
 import triton
 
 from nanoflow.kernels import decode_attention_plan as plan
+from nanoflow.kernels.decode_attention_hopper_parts import NP  # noqa: F401 - query-head columns per item
 
 try:  # Gluon is experimental: its module layout differs between Triton releases
     from triton.experimental import gluon
@@ -56,8 +62,7 @@ except Exception as exc:  # noqa: BLE001 - any failure just disables this kernel
 TESTED_TRITON = ("3.6",)
 """Triton releases whose Gluon API this kernel was written and checked against."""
 
-BLOCK_T = 64   # tokens per tile: the wgmma M dimension
-NP = 8         # query-head columns per item (the GQA group, padded): the wgmma N dimension
+BLOCK_T = 64   # tokens per tile (bf16; fp8: HopperDecodeConfig.fp8_tile_tokens): the wgmma M dimension
 MAX_GROUP = NP
 
 
@@ -73,12 +78,27 @@ class HopperDecodeConfig:
     """Register cap per thread (8 warps' worth of registers are allocated per CTA)."""
     producer_registers: int = 48
     """Registers per thread of the producer warp (setmaxnreg)."""
+    fp8_tile_tokens: int = 64
+    """KV tokens per tile with an fp8 cache (64 or 128; bf16 tiles are always 64): a 128-token tile
+    is two 64-row wgmmas per product, so the per-tile fixed costs (barrier waits, the softmax max
+    reduction, page-index loads) are spread over twice the bytes."""
+    pipeline_pv: bool = False
+    """fp8: leave each tile's PV wgmma running under the next tile's QK product and V widening
+    (P and the widened V double-buffered), so its latency leaves the per-tile chain."""
 
     def __post_init__(self):
         if not 2 <= self.stages <= 8:
             raise ValueError(f"stages must be in 2..8, got {self.stages}")
         if self.ctas_per_sm < 1:
             raise ValueError(f"ctas_per_sm must be >= 1, got {self.ctas_per_sm}")
+        if self.pipeline_pv and self.fp8_tile_tokens != 64:
+            raise ValueError("pipeline_pv needs fp8_tile_tokens=64 (its double buffers would not fit)")
+        if self.fp8_tile_tokens not in (64, 128):
+            raise ValueError(f"fp8_tile_tokens must be 64 or 128, got {self.fp8_tile_tokens}")
+
+    def tile_tokens(self, fp8: bool) -> int:
+        """KV tokens per tile for this cache dtype."""
+        return self.fp8_tile_tokens if fp8 else BLOCK_T
 
 
 def _triton_ok() -> bool:
@@ -120,78 +140,9 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor) -> str | None:
 
 
 if gluon is not None:
-    _BT = gl.constexpr(BLOCK_T)
+    from nanoflow.kernels.decode_attention_hopper_parts import (_advance, _consumer_fp8_pipelined, _page_rows,
+                                                                 _plan_start, _write_item)
     _NP = gl.constexpr(NP)
-
-    @gluon.jit
-    def _add(a, b):
-        return a + b
-
-    @gluon.jit
-    def _tiles(length, BT: gl.constexpr):
-        return gl.maximum((length + BT - 1) // BT, 1)
-
-    @gluon.jit
-    def _plan_start(lens_ptr, num_requests, pid, nprog, NUM_KV_HEADS: gl.constexpr, BT: gl.constexpr,
-                    BLOCK_R: gl.constexpr, num_warps: gl.constexpr):
-        """This program's tile range: (r0, h0, t0, n0, len0, next_len, L) of its first tile."""
-        lay: gl.constexpr = gl.BlockedLayout([BLOCK_R // (32 * num_warps)], [32], [num_warps], [0])
-        offs = gl.arange(0, BLOCK_R, layout=lay)
-        total = gl.to_tensor(0)
-        for c in range(0, num_requests, BLOCK_R):
-            ok = c + offs < num_requests
-            n = gl.where(ok, _tiles(gl.load(lens_ptr + c + offs, mask=ok, other=0), BT), 0)
-            total += gl.sum(n, 0)
-        work = total.to(gl.int64) * NUM_KV_HEADS
-        t_lo = pid.to(gl.int64) * work // nprog
-        t_hi = (pid.to(gl.int64) + 1) * work // nprog
-        run = gl.to_tensor(0)
-        count = gl.to_tensor(0)
-        before = gl.to_tensor(0)
-        for c in range(0, num_requests, BLOCK_R):
-            ok = c + offs < num_requests
-            n = gl.where(ok, _tiles(gl.load(lens_ptr + c + offs, mask=ok, other=0), BT), 0)
-            incl = gl.associative_scan(n, 0, _add) + run
-            full = ok & (incl.to(gl.int64) * NUM_KV_HEADS <= t_lo)
-            count += gl.sum(full.to(gl.int32), 0)
-            before += gl.sum(gl.where(full, n, 0), 0)
-            run += gl.sum(n, 0)
-        r0 = count
-        len0 = gl.load(lens_ptr + r0, mask=r0 < num_requests, other=0)
-        n0 = _tiles(len0, BT)
-        off = (t_lo - before.to(gl.int64) * NUM_KV_HEADS).to(gl.int32)
-        h0 = off // n0
-        t0 = off % n0
-        next_len = gl.load(lens_ptr + r0 + 1, mask=r0 + 1 < num_requests, other=0)
-        return r0, h0, t0, n0, len0, next_len, (t_hi - t_lo).to(gl.int32)
-
-    @gluon.jit
-    def _advance(r, h, t, n, length, next_len, lens_ptr, num_requests, NUM_KV_HEADS: gl.constexpr,
-                 BT: gl.constexpr):
-        """The walk's next tile (and the length of the request after the next one, prefetched)."""
-        t += 1
-        if t == n:
-            t = 0
-            h += 1
-            if h == NUM_KV_HEADS:
-                h = 0
-                r += 1
-                length = next_len
-                n = _tiles(length, BT)
-                next_len = gl.load(lens_ptr + r + 1, mask=r + 1 < num_requests, other=0)
-        return r, h, t, n, length, next_len
-
-    @gluon.jit
-    def _page_rows(bt_ptr, stride_bt, r, t, length, num_requests, BLOCK_SIZE: gl.constexpr, BT: gl.constexpr,
-                   BOX: gl.constexpr, NBOX_P: gl.constexpr):
-        """Cache rows (page * block_size + offset) of the tile's TMA boxes; boxes past the context
-        read the request's last page (their tokens are masked)."""
-        lay: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
-        j = gl.arange(0, NBOX_P, layout=lay)
-        last = gl.maximum(length - 1, 0)
-        tok = gl.minimum(t * BT + j * BOX, last)
-        page = gl.load(bt_ptr + r.to(gl.int64) * stride_bt + tok // BLOCK_SIZE, mask=r < num_requests, other=0)
-        return page * BLOCK_SIZE + tok % BLOCK_SIZE
 
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, qbuf, kbuf, vbuf, ready, empty, bt_ptr, lens_ptr,
@@ -230,12 +181,6 @@ if gluon is not None:
             rows = nrows
             cur_r = r
             cur_h = h
-
-    @gluon.jit
-    def _write_item(acc_ptr, acc, rowscale, d_off, g, valid_g, stride_g, stride_d):
-        ptrs = acc_ptr + g[None, :] * stride_g + d_off[:, None] * stride_d
-        gl.store(ptrs, (acc * rowscale[None, :]).to(acc_ptr.dtype.element_ty),
-                 mask=valid_g[None, :] & (d_off[:, None] >= 0))
 
     @gluon.jit
     def _consumer(qbuf, kbuf, vbuf, pbuf, v16buf, ready, empty, lens_ptr, qscale_ptr, out_ptr,
@@ -365,8 +310,7 @@ if gluon is not None:
                        NUM_KV_HEADS: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                        BLOCK_SIZE: gl.constexpr, STAGES: gl.constexpr, FP8: gl.constexpr,
                        BLOCK_R: gl.constexpr, ROWS_FROM_DEVICE: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                       num_warps: gl.constexpr):
-        BT: gl.constexpr = _BT
+                       BT: gl.constexpr, PIPE: gl.constexpr, num_warps: gl.constexpr):
         KSPLIT: gl.constexpr = 1 if FP8 else HEAD_DIM // 64
         KW: gl.constexpr = HEAD_DIM // KSPLIT
         if ROWS_FROM_DEVICE:  # CUDA-graph form: rows row0.. below the device's count are the requests
@@ -382,9 +326,14 @@ if gluon is not None:
         qbuf = gl.allocate_shared_memory(q_desc.dtype, [STAGES * KSPLIT, _NP, KW], q_layout)
         pv_dtype: gl.constexpr = gl.float16 if FP8 else k_desc.dtype
         p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_NP, BT], pv_dtype)
-        pbuf = gl.allocate_shared_memory(pv_dtype, [_NP, BT], p_layout)
         v16_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BT, 64], gl.float16)
-        if FP8:
+        if PIPE:
+            pbuf = gl.allocate_shared_memory(pv_dtype, [2, _NP, BT], p_layout)
+        else:
+            pbuf = gl.allocate_shared_memory(pv_dtype, [_NP, BT], p_layout)
+        if PIPE:
+            v16buf = gl.allocate_shared_memory(gl.float16, [2 * (HEAD_DIM // 64), BT, 64], v16_layout)
+        elif FP8:
             v16buf = gl.allocate_shared_memory(gl.float16, [HEAD_DIM // 64, BT, 64], v16_layout)
         else:  # unused
             v16buf = gl.allocate_shared_memory(gl.float16, [1, 8, 64], v16_layout)
@@ -393,15 +342,27 @@ if gluon is not None:
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
-        gl.warp_specialize([
-            (_consumer, (qbuf, kbuf, vbuf, pbuf, v16buf, ready, empty, lens_ptr, qscale_ptr, out_ptr,
-                         part_o_ptr, part_ml_ptr, part_id_ptr, num_requests, stride_or, stride_oh,
-                         score_scale, out_scale, pid, r, h, t, n, length, next_len, num_tiles,
-                         NUM_KV_HEADS, GROUP, HEAD_DIM, BT, STAGES, KSPLIT, FP8, num_warps)),
-            (_producer, (q_desc, k_desc, v_desc, qbuf, kbuf, vbuf, ready, empty, bt_ptr, lens_ptr,
-                         num_requests, stride_bt, r, h, t, n, length, next_len, num_tiles,
-                         NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_SIZE, BT, STAGES, KSPLIT)),
-        ], [1], [PRODUCER_REGS])
+        if PIPE:
+            gl.warp_specialize([
+                (_consumer_fp8_pipelined, (
+                    qbuf, kbuf, vbuf, pbuf, v16buf, ready, empty, lens_ptr, qscale_ptr, out_ptr, part_o_ptr,
+                    part_ml_ptr, part_id_ptr, num_requests, stride_or, stride_oh, score_scale, out_scale, pid, r, h,
+                    t, n, length, next_len, num_tiles, NUM_KV_HEADS, GROUP, HEAD_DIM, BT, STAGES, num_warps)),
+                (_producer, (q_desc, k_desc, v_desc, qbuf, kbuf, vbuf, ready, empty, bt_ptr, lens_ptr,
+                             num_requests, stride_bt, r, h, t, n, length, next_len, num_tiles,
+                             NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_SIZE, BT, STAGES, KSPLIT)),
+            ], [1], [PRODUCER_REGS])
+        else:
+            gl.warp_specialize([
+                (_consumer, (
+                    qbuf, kbuf, vbuf, pbuf, v16buf, ready, empty, lens_ptr, qscale_ptr, out_ptr, part_o_ptr,
+                    part_ml_ptr, part_id_ptr, num_requests, stride_or, stride_oh, score_scale, out_scale, pid, r, h,
+                    t, n, length, next_len, num_tiles, NUM_KV_HEADS, GROUP, HEAD_DIM, BT, STAGES, KSPLIT, FP8,
+                    num_warps)),
+                (_producer, (q_desc, k_desc, v_desc, qbuf, kbuf, vbuf, ready, empty, bt_ptr, lens_ptr,
+                             num_requests, stride_bt, r, h, t, n, length, next_len, num_tiles,
+                             NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_SIZE, BT, STAGES, KSPLIT)),
+            ], [1], [PRODUCER_REGS])
 
 
 _GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float8_e4m3fn: "float8e4nv"}
@@ -420,8 +381,17 @@ def _descriptor(t2d: torch.Tensor, box: list[int]):
     return TensorDescriptor(t2d, list(t2d.shape), list(t2d.stride()), box, layout)
 
 
-def num_programs_for(num_sms: int, config: HopperDecodeConfig | None = None) -> int:
-    return (config or HopperDecodeConfig()).ctas_per_sm * num_sms
+FP8_DEFAULT_CONFIG = HopperDecodeConfig()
+"""The configuration an fp8 cache runs with when none is given (bf16: HopperDecodeConfig())."""
+
+
+def default_config(fp8: bool) -> HopperDecodeConfig:
+    """The launch configuration used when none is given, per cache dtype."""
+    return FP8_DEFAULT_CONFIG if fp8 else HopperDecodeConfig()
+
+
+def num_programs_for(num_sms: int, config: HopperDecodeConfig | None = None, fp8: bool = False) -> int:
+    return (config or default_config(fp8)).ctas_per_sm * num_sms
 
 
 def paged_decode_attention(
@@ -466,17 +436,18 @@ def paged_decode_attention(
         raise ValueError("num_rows must be an int32 tensor on q's device")
     if row0 < 0:
         raise ValueError(f"row0 must be >= 0, got {row0}")
-    cfg = config or HopperDecodeConfig()
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    cfg = config or default_config(fp8)
     if seq_lens.dtype != torch.int32 or block_tables.dtype != torch.int32:  # the kernel reads int32
         seq_lens, block_tables = seq_lens.to(torch.int32), block_tables.to(torch.int32)
     if num_sms is None:
         num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     nprog = cfg.ctas_per_sm * num_sms
     group = num_heads // num_kv_heads
-    fp8 = k_cache.dtype == torch.float8_e4m3fn
     ksplit = 1 if fp8 else head_dim // 64
     kw = head_dim // ksplit
-    box = min(block_size, BLOCK_T)
+    tile = cfg.tile_tokens(fp8)
+    box = min(block_size, tile)
     rows = num_blocks * block_size
     k_desc = _descriptor(k_cache.view(rows, num_kv_heads * head_dim), [box, kw])
     v_desc = _descriptor(v_cache.view(rows, num_kv_heads * head_dim), [box, kw])
@@ -498,7 +469,8 @@ def paged_decode_attention(
         float(scale * 1.4426950408889634 * k_scale), float(v_scale),
         NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         STAGES=cfg.stages, FP8=fp8, BLOCK_R=block_r,
-        ROWS_FROM_DEVICE=num_rows is not None, PRODUCER_REGS=cfg.producer_registers,
+        ROWS_FROM_DEVICE=num_rows is not None, PRODUCER_REGS=cfg.producer_registers, BT=tile,
+        PIPE=fp8 and cfg.pipeline_pv,
         num_warps=4, maxnreg=cfg.max_registers,
     )
     return plan.merge(part_o, part_ml, part_id, out, num_kv_heads)

@@ -49,6 +49,10 @@ def _rel(got, want):
 
 
 RAGGED = [0, 1, 63, 64, 65, 130, 1000, 3001]
+FP8_CONFIGS = [None, hopper.HopperDecodeConfig(fp8_tile_tokens=64), hopper.HopperDecodeConfig(fp8_tile_tokens=128,
+                                                                                              stages=2),
+               hopper.HopperDecodeConfig(pipeline_pv=True)]
+"""The default, both fp8 tile sizes (64 / 128 tokens) and the pipelined-PV consumer explicitly."""
 
 
 @pytest.mark.parametrize("hk,group,d,bs,num_sms", [
@@ -64,9 +68,10 @@ def test_hopper_decode_matches_reference(hk, group, d, bs, num_sms):
     ks, vs = 0.05, 0.03
     k8, v8 = (kc.float() / ks).to(FP8), (vc.float() / vs).to(FP8)
     want8 = reference.paged_decode_attention(q.float(), k8, v8, table, lens, scale, k_scale=ks, v_scale=vs)
-    got8 = hopper.paged_decode_attention(q, k8, v8, table, lens, scale, num_sms=num_sms, k_scale=ks,
-                                         v_scale=vs, out=torch.full_like(q, float("nan")))
-    assert _rel(got8, want8) < FP8_TOL
+    for cfg in FP8_CONFIGS:
+        got8 = hopper.paged_decode_attention(q, k8, v8, table, lens, scale, num_sms=num_sms, k_scale=ks,
+                                             v_scale=vs, config=cfg, out=torch.full_like(q, float("nan")))
+        assert _rel(got8, want8) < FP8_TOL, cfg
 
 
 def test_hopper_decode_real_shape_and_dispatch():

@@ -120,6 +120,12 @@ def test_config_validation():
         hopper.HopperDecodeConfig(stages=1)
     with pytest.raises(ValueError):
         hopper.HopperDecodeConfig(ctas_per_sm=0)
+    with pytest.raises(ValueError, match="fp8_tile_tokens"):
+        hopper.HopperDecodeConfig(fp8_tile_tokens=96)
+    with pytest.raises(ValueError, match="pipeline_pv"):
+        hopper.HopperDecodeConfig(fp8_tile_tokens=128, pipeline_pv=True)
+    cfg = hopper.HopperDecodeConfig(fp8_tile_tokens=128)
+    assert (cfg.tile_tokens(fp8=True), cfg.tile_tokens(fp8=False)) == (128, hopper.BLOCK_T)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

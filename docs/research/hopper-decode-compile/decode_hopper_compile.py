@@ -39,6 +39,11 @@ def _load_kernel_module():
         sys.modules[pkg] = mod
     sys.modules["nanoflow.kernels.decode_attention_plan"] = types.ModuleType("plan")
     sys.modules["nanoflow.kernels"].decode_attention_plan = sys.modules["nanoflow.kernels.decode_attention_plan"]
+    parts_spec = importlib.util.spec_from_file_location("nanoflow.kernels.decode_attention_hopper_parts",
+                                                        ROOT / "nanoflow/kernels/decode_attention_hopper_parts.py")
+    parts = importlib.util.module_from_spec(parts_spec)
+    sys.modules[parts_spec.name] = parts
+    parts_spec.loader.exec_module(parts)
     spec = importlib.util.spec_from_file_location("decode_attention_hopper",
                                                   ROOT / "nanoflow/kernels/decode_attention_hopper.py")
     module = importlib.util.module_from_spec(spec)
@@ -48,7 +53,7 @@ def _load_kernel_module():
 
 
 def compile_kernel(hk_mod, fp8: bool, head_dim: int, group: int, block_size: int, stages: int, maxnreg: int,
-                   num_kv_heads: int = 8, rows_from_device: bool = False):
+                   num_kv_heads: int = 8, rows_from_device: bool = False, tile: int = 64, pipe: bool = False):
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -59,7 +64,7 @@ def compile_kernel(hk_mod, fp8: bool, head_dim: int, group: int, block_size: int
 
     kv_tl, kv_gl = (tl.float8e4nv, gl.float8e4nv) if fp8 else (tl.bfloat16, gl.bfloat16)
     kw = head_dim if fp8 else 64
-    box = min(block_size, hk_mod.BLOCK_T)
+    box = min(block_size, tile)
 
     def desc(block):
         base = MockTensor(kv_tl, [1 << 20, num_kv_heads * head_dim])
@@ -72,7 +77,7 @@ def compile_kernel(hk_mod, fp8: bool, head_dim: int, group: int, block_size: int
            "num_requests": "i32", "row0": "i32", "stride_bt": "i32", "stride_or": "i32", "stride_oh": "i32", "score_scale": "fp32", "out_scale": "fp32"}
     constexprs = dict(NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
                       STAGES=stages, FP8=fp8, BLOCK_R=512, ROWS_FROM_DEVICE=rows_from_device,
-                      PRODUCER_REGS=48, num_warps=4)
+                      PRODUCER_REGS=48, BT=tile, PIPE=pipe, num_warps=4)
     sig.update({k: "constexpr" for k in constexprs})
     src = GluonASTSource(fn=hk_mod._decode_kernel, signature=sig, constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": maxnreg})
@@ -110,22 +115,30 @@ def main():
     ap.add_argument("--dump", help="write ptx / sass of each config here")
     args = ap.parse_args()
     hk_mod = _load_kernel_module()
-    configs = [  # fp8, D, G, block size, stages, maxnreg
-        (False, 128, 4, 16, 3, 128), (False, 128, 4, 64, 3, 128), (False, 128, 4, 16, 6, 255),
-        (False, 128, 4, 16, 2, 80), (False, 64, 8, 16, 3, 128), (True, 128, 4, 16, 5, 128),
-        (True, 128, 4, 64, 5, 128), (True, 128, 4, 16, 3, 80),
+    configs = [  # fp8, D, G, block size, stages, maxnreg, tile tokens
+        (False, 128, 4, 16, 3, 128, 64), (False, 128, 4, 64, 3, 128, 64), (False, 128, 4, 16, 6, 255, 64),
+        (False, 128, 4, 16, 2, 80, 64), (False, 64, 8, 16, 3, 128, 64), (True, 128, 4, 16, 5, 128, 64),
+        (True, 128, 4, 64, 5, 128, 64), (True, 128, 4, 16, 3, 80, 64), (True, 128, 4, 16, 2, 64, 64),
+        (True, 128, 4, 16, 2, 128, 128), (True, 128, 4, 64, 2, 128, 128), (True, 128, 4, 16, 2, 80, 128),
+        (True, 64, 8, 16, 2, 128, 128), (True, 128, 4, 16, 4, 128, 64, True), (True, 128, 4, 16, 3, 80, 64, True),
+        (True, 64, 8, 16, 4, 128, 64, True),
     ]
-    configs = [(*c, False) for c in configs] + [(False, 128, 4, 16, 3, 128, True), (True, 128, 4, 16, 5, 128, True)]
-    print(f"{'config':<34} {'smem KB':>8} {'regs':>5} {'spill':>6} {'consumer loop':>14} {'producer loop':>14}")
-    for fp8, d, g, bs, st, regs, dev_rows in configs:
-        k = compile_kernel(hk_mod, fp8, d, g, bs, st, regs, rows_from_device=dev_rows)
+    configs = [c if len(c) == 8 else (*c, False) for c in configs]  # last field: pipeline_pv
+    configs = [(*c, False) for c in configs] + [(False, 128, 4, 16, 3, 128, 64, False, True),
+                                                (True, 128, 4, 16, 5, 128, 64, False, True),
+                                                (True, 128, 4, 16, 2, 128, 128, False, True),
+                                                (True, 128, 4, 16, 4, 128, 64, True, True)]
+    print(f"{'config':<40} {'smem KB':>8} {'regs':>5} {'spill':>6} {'consumer loop':>14} {'producer loop':>14}")
+    for fp8, d, g, bs, st, regs, tile, pipe, dev_rows in configs:
+        k = compile_kernel(hk_mod, fp8, d, g, bs, st, regs, rows_from_device=dev_rows, tile=tile, pipe=pipe)
         usage = _cuobjdump(k.asm["cubin"], "--dump-resource-usage")
         reg = re.search(r"REG:(\d+)", usage).group(1)
         local = re.search(r"LOCAL:(\d+)", usage).group(1)
         sass = _cuobjdump(k.asm["cubin"], "--dump-sass")
         loops = loop_counts(sass)
-        name = f"{'fp8' if fp8 else 'bf16'} D{d} G{g} bs{bs} st{st} maxnreg{regs}{' rows' if dev_rows else ''}"
-        print(f"{name:<34} {k.metadata.shared / 1024:>8.1f} {reg:>5} {local:>6} {loops['consumer']:>14} "
+        name = (f"{'fp8' if fp8 else 'bf16'} D{d} G{g} bs{bs} st{st} maxnreg{regs} t{tile}"
+                f"{' pipe' if pipe else ''}{' rows' if dev_rows else ''}")
+        print(f"{name:<40} {k.metadata.shared / 1024:>8.1f} {reg:>5} {local:>6} {loops['consumer']:>14} "
               f"{loops['producer']:>14}")
         if args.dump:
             out = Path(args.dump)
