@@ -47,11 +47,11 @@ def make_checkpoint(name: str, root: Path, seed: int = 0, num_layers: int = 2) -
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     with torch.no_grad():  # larger weights than the default init so logits are far from uniform
-        for name, p in model.named_parameters():
+        for pname, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.08)
             else:  # norms (Qwen3's q/k norms are head_dim wide) near 1, biases small
-                p.uniform_(0.5, 1.5) if p.shape[0] == kwargs["hidden_size"] or "norm" in name else p.normal_(0, 0.1)
+                p.uniform_(0.5, 1.5) if p.shape[0] == kwargs["hidden_size"] or "norm" in pname else p.normal_(0, 0.1)
     out = root / f"{name}-{num_layers}l"
     model.save_pretrained(out)
     tok.save_pretrained(out)
