@@ -209,7 +209,7 @@ def _moe_fields(d: dict, arch: str) -> dict:
     if arch == "MixtralForCausalLM":
         return out
     step, dense_layers = d.get("decoder_sparse_step", 1), d.get("mlp_only_layers") or []
-    if step != 1 or dense_layers:
+    if not _is_int(step) or step != 1 or dense_layers:
         raise ValueError(f"{family} configs with dense MLP layers among the MoE layers are not supported "
                          f"(decoder_sparse_step={step!r}, mlp_only_layers={dense_layers!r}; nanoflow needs "
                          "decoder_sparse_step 1 and no mlp_only_layers: every layer a MoE layer)")

@@ -47,3 +47,22 @@ def test_triton_greedy_tokens_equal_the_reference_kernels(ckpts, name):
     ours = _all_position_logits(_engine(ckpts[name], use_triton="on"), prompt)
     ref = _all_position_logits(_engine(ckpts[name], use_triton="off"), prompt)
     assert (ours - ref).abs().max().item() < LOGITS_ATOL
+
+
+def test_triton_moe_op_with_an_sm_budget_gives_the_same_tokens(ckpts, tmp_path):
+    """The moe op cut into nano-batches on an SM budget: the grouped GEMM and the shared expert's
+    GEMMs on the persistent kernels (that many programs) give the sequential tokens."""
+    import json
+    from nanoflow.pipeline.plan import load_plan
+    d = load_plan("overlap-2").to_dict()
+    for op in ("gate_up_gemm", "act", "down_gemm"):
+        d["ops"].pop(op)
+    d["ops"]["moe"] = {"stream": "compute", "cuts": [{"of": "tokens", "at": 0.5}], "sm_budget": 3}
+    d.pop("order")
+    d["min_attn_share"] = 0.0
+    plan = tmp_path / "moe-budget.json"
+    plan.write_text(json.dumps(d))
+    prompts = [[11, 12, 400, 13], list(range(30, 45))]
+    reference = greedy_tokens(ckpts["qwen2-moe"], prompts, 3, use_triton="off", max_num_batched_tokens=16)
+    got = greedy_tokens(ckpts["qwen2-moe"], prompts, 3, use_triton="on", max_num_batched_tokens=16, plan=str(plan))
+    assert got == reference
