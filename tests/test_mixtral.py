@@ -297,9 +297,9 @@ def _mixtral_dict(**kw) -> dict:
 
 
 @pytest.mark.parametrize("d, message", [
-    (dict(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe"), "Qwen2MoeForCausalLM is a mixture-of-experts"
-                                                                          r".*shared experts.*MixtralForCausalLM"),
-    (dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe"), "Qwen3MoeForCausalLM.*q/k RMSNorm"),
+    (dict(architectures=["OlmoeForCausalLM"], model_type="olmoe"), "OlmoeForCausalLM is a mixture-of-experts"
+                                                                   r".*q/k norms.*MixtralForCausalLM, Qwen2Moe"),
+    (dict(architectures=["PhimoeForCausalLM"], model_type="phimoe"), "PhimoeForCausalLM.*sparsemixer"),
     (dict(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3"), "DeepseekV3ForCausalLM.*latent"),
     (dict(num_experts_per_tok=6), "num_experts_per_tok <= num_local_experts"),
     (dict(num_experts_per_tok=0), "1 <= num_experts_per_tok"),

@@ -18,6 +18,9 @@ KNOWN_COUNTS = {
     "mistral-7b": 7_241_732_096,
     "qwen2-7b": 7_615_616_512,
     "mixtral-8x7b": 46_702_792_704,   # every expert (12_879_925_248 active per token: test_mixtral.py)
+    "qwen3-8b": 8_190_735_360,
+    "qwen3-30b-a3b": 30_532_122_624,  # every expert (active per token: test_qwen.py)
+    "qwen1.5-moe-a2.7b": 14_315_784_192,
 }
 
 
@@ -37,7 +40,8 @@ def _hf_meta_model(cfg: ModelConfig) -> torch.nn.Module:
         return transformers.AutoModelForCausalLM.from_config(hf_config)
 
 
-@pytest.mark.parametrize("name", ["default", "llama-3-8b", "llama-2-70b", "qwen2-7b", "mistral-7b", "mixtral-8x7b"])
+@pytest.mark.parametrize("name", ["default", "llama-3-8b", "llama-2-70b", "qwen2-7b", "mistral-7b", "mixtral-8x7b",
+                                  "qwen3-8b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b"])
 def test_num_parameters_matches_transformers_model(name):
     model = _hf_meta_model(PRESETS[name])
     assert type(model).__name__ == PRESETS[name].architecture

@@ -101,9 +101,10 @@ def _check_search(engine) -> None:
     assert engine.kv.pool.num_used == 0
 
 
-@pytest.mark.parametrize("name", ["mistral", "mixtral"])
+@pytest.mark.parametrize("name", ["mistral", "mixtral", "qwen3-moe", "qwen2-moe"])
 def test_tp2_kv_replication_and_sharded_experts(name, tmp_path):
-    """mistral: 1 KV head for 2 ranks (replicated); mixtral: every expert split over its inner dim."""
+    """mistral: 1 KV head for 2 ranks (replicated); mixtral: every expert split over its inner dim;
+    qwen3-moe: per-head q/k norms replicated; qwen2-moe: the shared expert split, its gate replicated."""
     ckpt = make_checkpoint(name, tmp_path)
     prompts = _prompts(5, seed=1)
     reference = _reference(ckpt, prompts)

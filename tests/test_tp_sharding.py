@@ -68,6 +68,22 @@ def test_shard_config_of_presets_and_errors():
     assert split_rule("model.layers.3.self_attn.o_proj.weight") == ("cols", "q")
     assert split_rule("model.layers.3.block_sparse_moe.gate.weight") is None  # router: replicated
     assert split_rule("model.norm.weight") is None
+    assert split_rule("model.layers.3.mlp.gate.weight") is None                # Qwen MoE router
+    assert split_rule("model.layers.3.self_attn.q_norm.weight") is None        # Qwen3 per-head norms
+    assert split_rule("model.layers.3.mlp.shared_expert_gate.weight") is None
+    assert split_rule("model.layers.3.mlp.experts.7.up_proj.weight") == ("rows", "expert_inter")
+    assert split_rule("model.layers.3.mlp.experts.7.down_proj.weight") == ("cols", "expert_inter")
+    assert split_rule("model.layers.3.mlp.shared_expert.gate_proj.weight") == ("rows", "shared_inter")
+    assert split_rule("model.layers.3.mlp.shared_expert.down_proj.weight") == ("cols", "shared_inter")
+    assert split_rule("model.layers.3.mlp.gate_proj.weight") == ("rows", "inter")  # dense MLPs unchanged
+    moe = shard_config(PRESETS["qwen3-30b-a3b"], 4)
+    assert (moe.num_attention_heads, moe.num_key_value_heads, moe.moe_intermediate_size) == (8, 1, 192)
+    qwen2 = shard_config(PRESETS["qwen1.5-moe-a2.7b"], 4)
+    assert (qwen2.moe_intermediate_size, qwen2.shared_expert_intermediate_size) == (352, 1408)
+    with pytest.raises(ValueError, match="expert width.*30"):
+        shard_config(dataclasses.replace(PRESETS["qwen3-30b-a3b"], moe_intermediate_size=30), 4)
+    with pytest.raises(ValueError, match="shared expert width 30"):
+        shard_config(dataclasses.replace(PRESETS["qwen1.5-moe-a2.7b"], shared_expert_intermediate_size=30), 4)
 
 
 class _SpyFile:
@@ -105,7 +121,7 @@ class _SpyFile:
         return Slice()
 
 
-@pytest.mark.parametrize("name", ["mixtral", "mistral", "llama-mha-tied"])
+@pytest.mark.parametrize("name", ["mixtral", "mistral", "llama-mha-tied", "qwen3-moe", "qwen2-moe"])
 def test_sharded_loading_reads_only_its_slices(name, tmp_path):
     """Each rank reads its slice of every split tensor (no more elements than the slice), all of the
     replicated ones; the ranks' slices put together are the checkpoint; the shard model loads them."""
@@ -156,6 +172,22 @@ def test_sharded_loading_reads_only_its_slices(name, tmp_path):
             w1 = full["model.layers.1.block_sparse_moe.experts.3.w1.weight"]
             assert torch.equal(layer.mlp.experts_gate_up[3, :i], w1[rank * i:(rank + 1) * i])
             assert torch.equal(layer.mlp.router_weight, full["model.layers.1.block_sparse_moe.gate.weight"])
+        if name in ("qwen3-moe", "qwen2-moe"):
+            i = cfg.moe_intermediate_size // world
+            pre = "model.layers.1.mlp."
+            up, down = full[pre + "experts.3.up_proj.weight"], full[pre + "experts.3.down_proj.weight"]
+            assert torch.equal(layer.mlp.experts_gate_up[3, i:], up[rank * i:(rank + 1) * i])
+            assert torch.equal(layer.mlp.experts_down[3], down[:, rank * i:(rank + 1) * i])
+            assert torch.equal(layer.mlp.router_weight, full[pre + "gate.weight"])
+        if name == "qwen3-moe":  # per-head norms: every rank holds all of them
+            assert torch.equal(layer.q_norm, full["model.layers.1.self_attn.q_norm.weight"])
+            assert torch.equal(layer.k_norm, full["model.layers.1.self_attn.k_norm.weight"])
+        if name == "qwen2-moe":  # the shared expert is split like a dense MLP; its gate is replicated
+            s = cfg.shared_expert_intermediate_size // world
+            pre = "model.layers.1.mlp.shared_expert"
+            assert torch.equal(layer.mlp.shared_gate_up[:s], full[pre + ".gate_proj.weight"][rank * s:(rank + 1) * s])
+            assert torch.equal(layer.mlp.shared_down, full[pre + ".down_proj.weight"][:, rank * s:(rank + 1) * s])
+            assert torch.equal(layer.mlp.shared_gate, full[pre + "_gate.weight"])
 
 
 def test_stacked_expert_tensors_split_over_the_inner_dimension():

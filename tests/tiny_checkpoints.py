@@ -22,6 +22,15 @@ TINY_CONFIGS = {
     # 6 experts, top-2 (renormalised): with 37-token prompts some experts get few tokens, some none.
     "mixtral": ("MixtralConfig", dict(num_attention_heads=4, num_key_value_heads=2, num_local_experts=6,
                                       num_experts_per_tok=2, sliding_window=None, rope_theta=10000.0)),
+    # head_dim 24 != hidden / heads (16): Qwen3 states it; q/k norms of head_dim.
+    "qwen3": ("Qwen3Config", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24)),
+    # 6 experts of width 48, top-3 renormalised (Qwen3-30B-A3B's norm_topk_prob), head_dim 24.
+    "qwen3-moe": ("Qwen3MoeConfig", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24, num_experts=6,
+                                         num_experts_per_tok=3, moe_intermediate_size=48, norm_topk_prob=True)),
+    # 5 experts top-2 left unnormalised (Qwen2-MoE's default), a shared expert of width 96, qkv biases.
+    "qwen2-moe": ("Qwen2MoeConfig", dict(num_attention_heads=4, num_key_value_heads=2, num_experts=5,
+                                         num_experts_per_tok=2, moe_intermediate_size=40,
+                                         shared_expert_intermediate_size=96, norm_topk_prob=False)),
 }
 
 
@@ -38,11 +47,11 @@ def make_checkpoint(name: str, root: Path, seed: int = 0, num_layers: int = 2) -
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     with torch.no_grad():  # larger weights than the default init so logits are far from uniform
-        for p in model.parameters():
+        for pname, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.08)
-            else:
-                p.uniform_(0.5, 1.5) if p.shape[0] == kwargs["hidden_size"] else p.normal_(0, 0.1)
+            else:  # norms (Qwen3's q/k norms are head_dim wide) near 1, biases small
+                p.uniform_(0.5, 1.5) if p.shape[0] == kwargs["hidden_size"] or "norm" in pname else p.normal_(0, 0.1)
     out = root / f"{name}-{num_layers}l"
     model.save_pretrained(out)
     tok.save_pretrained(out)

@@ -62,7 +62,7 @@ def build_hf_model(weights: dict[str, torch.Tensor], model_config, device: torch
 
     hf = model_config.to_hf_dict()
     config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
-    if getattr(config, "sliding_window", None) is not None:
+    if getattr(config, "sliding_window", None):  # Qwen2-MoE's 0 already means none (None breaks its masks)
         config.sliding_window = None  # nanoflow attends to the whole context
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)

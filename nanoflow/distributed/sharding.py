@@ -5,7 +5,10 @@ Rank r of N holds (Megatron's layout, as vLLM / SGLang):
   replicated on the N/Hk ranks whose q heads use it (GQA groups never straddle ranks);
 - qkv_proj and gate_up_proj column-parallel (their output rows), o_proj and down_proj row-parallel
   (their input columns: each rank's output is a partial sum, all-reduced by the layer's network ops);
-- Mixtral: every expert's w1 / w3 rows and w2 columns (the experts' inner dimension); router replicated;
+- MoE (Mixtral, Qwen2-MoE, Qwen3-MoE): every expert's gate / up rows and down columns (the experts' inner
+  dimension); router replicated; Qwen2-MoE's shared expert split like a dense MLP (its own width), its
+  sigmoid gate replicated (each rank scales its partial sum by the same gate);
+- Qwen3's per-head q / k norms replicated (head_dim wide: the same on every head);
 - embedding and LM head vocab-parallel: ceil(V/N) rows per rank, the last rank's tail zero-padded;
 - norms replicated.
 The rank's model is built from `shard_config` (local head counts and MLP width; hidden size and
@@ -56,6 +59,16 @@ class ShardLayout:
         return self.rank * n, (self.rank + 1) * n
 
     @property
+    def expert_inter(self) -> tuple[int, int]:
+        n = self.config.expert_intermediate_size // self.world
+        return self.rank * n, (self.rank + 1) * n
+
+    @property
+    def shared_inter(self) -> tuple[int, int]:
+        n = self.config.shared_expert_intermediate_size // self.world
+        return self.rank * n, (self.rank + 1) * n
+
+    @property
     def vocab_rows(self) -> int:
         return vocab_shard_rows(self.config.vocab_size, self.world)
 
@@ -81,6 +94,10 @@ def check_shardable(cfg: ModelConfig, world: int) -> None:
         problems.append(f"{hk} KV heads (need a multiple or a divisor of the rank count)")
     if cfg.intermediate_size % world:
         problems.append(f"intermediate size {cfg.intermediate_size}")
+    if cfg.moe_intermediate_size % world:
+        problems.append(f"expert width (moe_intermediate_size) {cfg.moe_intermediate_size}")
+    if cfg.shared_expert_intermediate_size % world:
+        problems.append(f"shared expert width {cfg.shared_expert_intermediate_size}")
     if problems:
         raise ValueError(f"{cfg.architecture} cannot be split over {world} tensor-parallel ranks: "
                          f"{', '.join(problems)} not divisible by {world}")
@@ -91,7 +108,9 @@ def shard_config(cfg: ModelConfig, world: int) -> ModelConfig:
     check_shardable(cfg, world)
     return dataclasses.replace(cfg, num_attention_heads=cfg.num_attention_heads // world,
                                num_key_value_heads=max(1, cfg.num_key_value_heads // world),
-                               intermediate_size=cfg.intermediate_size // world)
+                               intermediate_size=cfg.intermediate_size // world,
+                               moe_intermediate_size=cfg.moe_intermediate_size // world,
+                               shared_expert_intermediate_size=cfg.shared_expert_intermediate_size // world)
 
 
 # ---- checkpoint slices ---------------------------------------------------------------------------
@@ -105,10 +124,14 @@ _RULES: list[tuple[re.Pattern, str, str]] = [(re.compile(p), kind, part) for p, 
     (r"self_attn\.o_proj\.weight$", "cols", "q"),
     (r"mlp\.(gate|up)_proj\.weight$", "rows", "inter"),
     (r"mlp\.down_proj\.weight$", "cols", "inter"),
-    (r"block_sparse_moe\.experts\.\d+\.w[13]\.weight$", "rows", "inter"),
-    (r"block_sparse_moe\.experts\.\d+\.w2\.weight$", "cols", "inter"),
-    (r"mlp\.experts\.gate_up_proj$", "stacked_gate_up", "inter"),
-    (r"mlp\.experts\.down_proj$", "stacked_down", "inter"),
+    (r"block_sparse_moe\.experts\.\d+\.w[13]\.weight$", "rows", "expert_inter"),
+    (r"block_sparse_moe\.experts\.\d+\.w2\.weight$", "cols", "expert_inter"),
+    (r"mlp\.experts\.\d+\.(gate|up)_proj\.weight$", "rows", "expert_inter"),
+    (r"mlp\.experts\.\d+\.down_proj\.weight$", "cols", "expert_inter"),
+    (r"mlp\.experts\.gate_up_proj$", "stacked_gate_up", "expert_inter"),
+    (r"mlp\.experts\.down_proj$", "stacked_down", "expert_inter"),
+    (r"mlp\.shared_expert\.(gate|up)_proj\.weight$", "rows", "shared_inter"),
+    (r"mlp\.shared_expert\.down_proj\.weight$", "cols", "shared_inter"),
 )]
 
 
@@ -127,8 +150,9 @@ class WeightSharder:
     def __init__(self, layout: ShardLayout):
         self.layout = layout
         d = layout.config.head_dim
-        (q0, q1), (k0, k1), (i0, i1) = layout.q_heads, layout.kv_heads, layout.inter
-        self.ranges = {"q": (q0 * d, q1 * d), "kv": (k0 * d, k1 * d), "inter": (i0, i1)}
+        (q0, q1), (k0, k1) = layout.q_heads, layout.kv_heads
+        self.ranges = {"q": (q0 * d, q1 * d), "kv": (k0 * d, k1 * d), "inter": layout.inter,
+                       "expert_inter": layout.expert_inter, "shared_inter": layout.shared_inter}
 
     def read(self, name: str, lazy) -> torch.Tensor:
         """`lazy` supports get_shape() and indexing (a safetensors slice, or a tensor)."""
@@ -143,7 +167,7 @@ class WeightSharder:
             return lazy[a:b]
         if kind == "cols":
             return lazy[:, a:b]
-        inter = self.layout.config.intermediate_size
+        inter = self.layout.config.expert_intermediate_size
         if kind == "stacked_gate_up":  # [E, 2I, H]: gate rows 0:I, up rows I:2I
             return torch.cat([lazy[:, a:b], lazy[:, inter + a:inter + b]], dim=1)
         return lazy[:, :, a:b]  # stacked_down [E, H, I]

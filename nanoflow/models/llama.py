@@ -1,4 +1,4 @@
-"""The Llama family (Llama 2/3/3.1, Mistral, Qwen2) as one implementation.
+"""The Llama family (Llama 2/3/3.1, Mistral, Qwen2, Qwen3) as one implementation.
 
 Each decoder layer is a list of Ops (nanoflow.pipeline.ops) working on rows lo:hi of a shared
 workspace, so the pipeline executor can cut the dense batch into nano-batches per op. Weights are
@@ -81,6 +81,9 @@ class LlamaDecoderLayer(nn.Module):
         self.qkv_weight = p(qkv_width, h)
         self.qkv_bias = p(qkv_width) if cfg.attention_bias else None
         self.o_weight = p(h, self.num_q * d)
+        # Qwen3: RMSNorm of every q and k head (over head_dim) before RoPE, in the rope_kv_write op.
+        self.q_norm = p(d) if cfg.qk_norm else None
+        self.k_norm = p(d) if cfg.qk_norm else None
         self.post_norm = p(h)
         self.mlp = model.MLP_BLOCK(cfg, model, dtype, device)
         self.ops = self._build_ops()
@@ -103,6 +106,9 @@ class LlamaDecoderLayer(nn.Module):
         v = qkv[:, q_w + kv_w:].view(-1, self.num_kv, self.head_dim)
         k_cache, v_cache = s.kv_caches[self.index]
         b = s.batch
+        if self.q_norm is not None:  # in place in qkv (the op declares it writes qkv): no extra buffer
+            self.model.kernels.rms_norm(q, self.q_norm, self.eps, out=q)
+            self.model.kernels.rms_norm(k, self.k_norm, self.eps, out=k)
         self.model.kernels.rope_and_cache_write(
             q, k, v, b.positions[lo:hi], self.model.cos_sin, k_cache, v_cache, b.slot_mapping[lo:hi],
             q_out=s.ws.q_rot[lo:hi].view(-1, self.num_q, self.head_dim))
@@ -164,10 +170,11 @@ class LlamaDecoderLayer(nn.Module):
         """Attention half, then the MLP block's ops (they read `normed`, write `hidden`); under tensor
         parallelism an all-reduce after o_gemm and after the MLP."""
         C, M = Resource.COMPUTE, Resource.MEMORY
+        rope_writes = ("qkv", "q_rot", "kv") if self.q_norm is not None else ("q_rot", "kv")  # q/k norm in place
         ops = [
             Op("input_norm", M, self._input_norm, reads=("hidden", "residual"), writes=("normed", "residual")),
             Op("qkv_gemm", C, self._qkv_gemm, reads=("normed",), writes=("qkv",)),
-            Op("rope_kv_write", M, self._rope_kv_write, reads=("qkv",), writes=("q_rot", "kv")),
+            Op("rope_kv_write", M, self._rope_kv_write, reads=("qkv",), writes=rope_writes),
             Op("decode_attn", M, self._decode_attn, RowScope.DECODE, reads=("q_rot", "kv"), writes=("attn_out",)),
             Op("prefill_attn", C, self._prefill_attn, RowScope.PREFILL, reads=("q_rot", "kv"),
                writes=("attn_out",)),
@@ -329,6 +336,8 @@ class LlamaForCausalLM(nn.Module):
                                    "self_attn.v_proj.weight", "self_attn.o_proj.weight")]
         if self.config.attention_bias:
             names += [pre + f"self_attn.{p}_proj.bias" for p in "qkv"]
+        if self.config.qk_norm:
+            names += [pre + "self_attn.q_norm.weight", pre + "self_attn.k_norm.weight"]
         return names
 
     def _locate(self, name: str) -> tuple[torch.Tensor | None, tuple | None, list[str]]:
@@ -362,6 +371,9 @@ class LlamaForCausalLM(nn.Module):
             table.update({"self_attn.q_proj.bias": (layer.qkv_bias, rows(0, q)),
                           "self_attn.k_proj.bias": (layer.qkv_bias, rows(q, q + kv)),
                           "self_attn.v_proj.bias": (layer.qkv_bias, rows(q + kv, q + 2 * kv))})
+        if layer.q_norm is not None:
+            table.update({"self_attn.q_norm.weight": (layer.q_norm, None),
+                          "self_attn.k_norm.weight": (layer.k_norm, None)})
         table.update(layer.mlp.weight_table())
         target, index = table.get(rest, (None, None))
         if target is None:

@@ -46,7 +46,7 @@ class MoEBlock(nn.Module):
             raise ValueError(f"a MoE block needs 1 <= num_experts_per_tok <= num_local_experts, got "
                              f"{cfg.num_experts_per_tok} of {cfg.num_local_experts}")
         object.__setattr__(self, "model", model)  # kernels; outside the module tree (no cycle)
-        e, h, i = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+        e, h, i = cfg.num_local_experts, cfg.hidden_size, cfg.expert_intermediate_size
         self.num_experts, self.top_k, self.inter = e, cfg.num_experts_per_tok, i
         def p(*shape):  # allocated on `device` directly; filled in place by the loader
             return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)

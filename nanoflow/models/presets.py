@@ -22,7 +22,8 @@ _LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "
 def _llama(vocab: int, hidden: int, inter: int, layers: int, heads: int, kv: int, **extra) -> ModelConfig:
     return ModelConfig(architecture=extra.pop("architecture", "LlamaForCausalLM"), vocab_size=vocab,
                        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads,
+                       num_attention_heads=heads, num_key_value_heads=kv,
+                       head_dim=extra.pop("head_dim", hidden // heads),
                        torch_dtype=extra.pop("torch_dtype", "bfloat16"), **extra)
 
 
@@ -50,4 +51,20 @@ PRESETS: dict[str, ModelConfig] = {
     "mixtral-8x7b": _llama(32000, 4096, 14336, 32, 32, 8, architecture="MixtralForCausalLM", rms_norm_eps=1e-5,
                            rope_theta=1000000.0, max_position_embeddings=32768, bos_token_id=1, eos_token_ids=(2,),
                            num_local_experts=8, num_experts_per_tok=2),
+    # Qwen3-8B: 8.19e9 parameters; head_dim 128 with per-head q/k norms.
+    "qwen3-8b": _llama(151936, 4096, 12288, 36, 32, 8, architecture="Qwen3ForCausalLM", head_dim=128,
+                       rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960,
+                       bos_token_id=151643, eos_token_ids=(151645,)),
+    # Qwen3-30B-A3B: 30.5e9 parameters, 3.3e9 active per token (top-8 of 128 experts of width 768).
+    "qwen3-30b-a3b": _llama(151936, 2048, 6144, 48, 32, 4, architecture="Qwen3MoeForCausalLM", head_dim=128,
+                            rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960,
+                            bos_token_id=151643, eos_token_ids=(151645,), num_local_experts=128,
+                            num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True),
+    # Qwen1.5-MoE-A2.7B: 14.3e9 parameters; top-4 of 60 experts (weights not renormalised) plus a shared
+    # expert of width 5632 behind a sigmoid gate; 2.7e9 active per token (embeddings included).
+    "qwen1.5-moe-a2.7b": _llama(151936, 2048, 5632, 24, 16, 16, architecture="Qwen2MoeForCausalLM",
+                                rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=8192,
+                                attention_bias=True, bos_token_id=151643, eos_token_ids=(151643,),
+                                num_local_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
+                                norm_topk_prob=False, shared_expert_intermediate_size=5632),
 }

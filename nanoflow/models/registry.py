@@ -4,12 +4,16 @@ from __future__ import annotations
 from nanoflow.models.config import SUPPORTED_ARCHITECTURES
 from nanoflow.models.llama import LlamaForCausalLM
 from nanoflow.models.mixtral import MixtralForCausalLM
+from nanoflow.models.qwen_moe import QwenMoeForCausalLM
 
 MODEL_CLASSES: dict[str, type[LlamaForCausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,  # the q/k norm comes with the config (ModelConfig.qk_norm)
     "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen2MoeForCausalLM": QwenMoeForCausalLM,
+    "Qwen3MoeForCausalLM": QwenMoeForCausalLM,
 }
 
 

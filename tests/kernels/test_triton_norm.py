@@ -68,3 +68,34 @@ def test_norm_rejects_bad_shapes(gen):
         norm.rms_norm(x, randn(gen, 32), 1e-5)
     with pytest.raises(ValueError, match="residual"):
         norm.fused_add_rms_norm(x, randn(gen, 2, 32), randn(gen, 64), 1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,heads", [(1, 4), (5, 1), (9, 3)])
+def test_rms_norm_of_strided_heads_in_place(gen, dtype, tokens, heads):
+    """Qwen3's per-head q / k norm: a [T, H, D] column slice of a wider qkv row, normalised in place
+    (no copy), the columns around it untouched; equal to the reference on a contiguous copy."""
+    d, width = 32, 7 * 32 + 5
+    qkv = randn(gen, tokens, width, dtype=dtype)
+    before = qkv.clone()
+    w = randn(gen, d, dtype=dtype)
+    view = qkv[:, 2 * d:(2 + heads) * d].view(tokens, heads, d)
+    want = reference.rms_norm(view.contiguous(), w, 1e-6)
+    ptr = view.data_ptr()
+    got = norm.rms_norm(view, w, 1e-6, out=view)
+    assert got is view and view.data_ptr() == ptr
+    torch.testing.assert_close(got, want, **TOLERANCES[dtype])
+    outside = torch.ones(width, dtype=torch.bool)
+    outside[2 * d:(2 + heads) * d] = False
+    assert torch.equal(qkv[:, outside], before[:, outside])
+    fresh = norm.rms_norm(before[:, 2 * d:(2 + heads) * d].view(tokens, heads, d), w, 1e-6)
+    torch.testing.assert_close(fresh, want, **TOLERANCES[dtype])
+
+
+def test_rms_norm_of_strided_heads_checks_its_arguments(gen):
+    qkv = randn(gen, 3, 100)
+    view = qkv[:, :64].view(3, 2, 32)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        norm.rms_norm(view, randn(gen, 16), 1e-6)
+    with pytest.raises(ValueError, match="out must be"):
+        norm.rms_norm(view, randn(gen, 32), 1e-6, out=torch.empty(3, 64))
