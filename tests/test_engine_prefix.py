@@ -169,6 +169,21 @@ def test_prometheus_counters_in_tokens():
     assert 'nanoflow:prefix_cache_queries_total{model_name="m"} 120.0' in text
     assert 'nanoflow:prefix_cache_hits_total{model_name="m"} 96.0' in text
     assert re.search(r"# TYPE nanoflow:prefix_cache_hits(_total)? counter", text)
+    assert 'nanoflow:kv_host_cache_usage_perc{model_name="m"} 0.0' in text  # no host tier: no division by 0
+
+
+def test_prometheus_host_and_disk_tier_metrics():
+    stats = EngineStats(num_running=1, num_waiting=0, kv_blocks_used=3, kv_blocks_total=10,
+                        last_step_time_s=0.0, num_steps=1, prefix_cache_queries=120, prefix_cache_hits=96,
+                        prefix_cache_host_hits=32, prefix_cache_disk_hits=16, kv_host_blocks_used=3,
+                        kv_host_blocks_total=4, kv_host_blocks_saved=7, kv_host_blocks_loaded=5,
+                        kv_disk_blocks_used=1, kv_disk_blocks_total=8, kv_disk_blocks_written=2, kv_disk_blocks_read=1)
+    text = ServerMetrics("m", lambda: stats).render().decode()
+    for name, value in [("prefix_cache_host_hits_total", 32), ("prefix_cache_disk_hits_total", 16),
+                        ("kv_host_blocks_saved_total", 7), ("kv_host_blocks_loaded_total", 5),
+                        ("kv_disk_blocks_written_total", 2), ("kv_disk_blocks_read_total", 1),
+                        ("kv_host_cache_usage_perc", 0.75), ("kv_disk_cache_usage_perc", 0.125)]:
+        assert f'nanoflow:{name}{{model_name="m"}} {float(value)}' in text, name
 
 
 def test_offline_batch_computes_each_shared_prefix_once(ckpt):

@@ -90,7 +90,16 @@ class _EngineStatsCollector(Collector):
 
     # (name, doc, EngineStats field): counters kept by the engine, read at scrape time.
     _COUNTERS = (("prefix_cache_queries", "Prefix cache queries, in tokens.", "prefix_cache_queries"),
-                 ("prefix_cache_hits", "Prefix cache hits, in tokens.", "prefix_cache_hits"))
+                 ("prefix_cache_hits", "Prefix cache hits, in tokens.", "prefix_cache_hits"),
+                 ("prefix_cache_host_hits", "Of the prefix cache hits, tokens copied back from the host KV tier.",
+                  "prefix_cache_host_hits"),
+                 ("prefix_cache_disk_hits", "Of the prefix cache hits, tokens read back from the disk KV tier.",
+                  "prefix_cache_disk_hits"),
+                 ("kv_host_blocks_saved", "KV blocks copied to the host tier.", "kv_host_blocks_saved"),
+                 ("kv_host_blocks_loaded", "KV blocks copied back from the host tier (disk hits included).",
+                  "kv_host_blocks_loaded"),
+                 ("kv_disk_blocks_written", "KV blocks written to the disk tier.", "kv_disk_blocks_written"),
+                 ("kv_disk_blocks_read", "KV blocks read back from the disk tier.", "kv_disk_blocks_read"))
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
         return [self._gauge(n, d, 0.0) for n, d in self._docs()] + [
@@ -100,12 +109,16 @@ class _EngineStatsCollector(Collector):
     def _docs() -> list[tuple[str, str]]:
         return [("num_requests_running", "Requests in the running batch."),
                 ("num_requests_waiting", "Requests waiting to be admitted."),
-                ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).")]
+                ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full)."),
+                ("kv_host_cache_usage_perc", "Fraction of host-tier KV slots holding a block (0 without a host tier)."),
+                ("kv_disk_cache_usage_perc", "Fraction of disk-tier KV slots holding a block (0 without a disk tier).")]
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         s = self._stats()
         usage = s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0
-        values = [float(s.num_running), float(s.num_waiting), usage]
+        host = s.kv_host_blocks_used / s.kv_host_blocks_total if s.kv_host_blocks_total else 0.0
+        disk = s.kv_disk_blocks_used / s.kv_disk_blocks_total if s.kv_disk_blocks_total else 0.0
+        values = [float(s.num_running), float(s.num_waiting), usage, host, disk]
         return [self._gauge(n, d, v) for (n, d), v in zip(self._docs(), values)] + [
             self._counter(n, d, float(getattr(s, f, 0))) for n, d, f in self._COUNTERS]
 
