@@ -140,8 +140,8 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor) -> str | None:
 
 
 if gluon is not None:
-    from nanoflow.kernels.decode_attention_hopper_parts import (_advance, _consumer_fp8_pipelined, _page_rows,
-                                                                 _plan_start, _write_item)
+    from nanoflow.kernels.decode_attention_hopper_parts import (_advance, _consumer_fp8_pipelined, _finish_item,
+                                                                 _page_rows, _plan_start)
     _NP = gl.constexpr(NP)
 
     @gluon.jit
@@ -198,13 +198,9 @@ if gluon is not None:
         col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
         col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         pv_dtype: gl.constexpr = gl.float16 if FP8 else kbuf.dtype
         tok = gl.arange(0, BT, layout=row_s)
         g_s = gl.arange(0, _NP, layout=col_s)
-        g_o = gl.arange(0, _NP, layout=col_o)
-        d_o = gl.arange(0, 64, layout=row_o)
-        valid_g = g_o < GROUP
         m_i = gl.full([_NP], float("-inf"), gl.float32, col_s)
         l_i = gl.zeros([BT, _NP], gl.float32, s_layout)
         acc0 = gl.zeros([64, _NP], gl.float32, o_layout)
@@ -267,27 +263,9 @@ if gluon is not None:
             m_i = m_new
             last = t == n - 1
             if last or k == num_tiles - 1:
-                l_o = gl.convert_layout(gl.sum(l_i, 0), col_o)
-                if own and last:
-                    inv = gl.where(l_o > 0.0, out_scale / l_o, 0.0)
-                    base = out_ptr + r.to(gl.int64) * stride_or + h * GROUP * stride_oh
-                    _write_item(base, acc0, inv, d_o, g_o, valid_g, stride_oh, 1)
-                    if NH == 2:
-                        _write_item(base + 64, acc1, inv, d_o, g_o, valid_g, stride_oh, 1)
-                else:
-                    slot = own.to(gl.int32)
-                    rec = (pid * 2 + slot) * GROUP
-                    one = gl.full([_NP], out_scale, gl.float32, col_o)
-                    _write_item(part_o_ptr + rec.to(gl.int64) * HEAD_DIM, acc0, one, d_o, g_o, valid_g,
-                                HEAD_DIM, 1)
-                    if NH == 2:
-                        _write_item(part_o_ptr + rec.to(gl.int64) * HEAD_DIM + 64, acc1, one, d_o, g_o,
-                                    valid_g, HEAD_DIM, 1)
-                    ml = part_ml_ptr + (rec + g_s) * 2
-                    gl.store(ml, m_i, mask=g_s < GROUP)
-                    gl.store(ml + 1, gl.convert_layout(l_o, col_s), mask=g_s < GROUP)
-                    if own:
-                        slot1 = item
+                slot1 = _finish_item(acc0, acc1, l_i, m_i, own, last, r, h, item, pid, slot1, out_ptr, part_o_ptr,
+                                     part_ml_ptr, stride_or, stride_oh, out_scale, GROUP, HEAD_DIM,
+                                     s_layout, o_layout)
             r, h, t, n, length, next_len = _advance(r, h, t, n, length, next_len, lens_ptr, num_requests,
                                                     NUM_KV_HEADS, BT)
             own = own | (t == 0)
