@@ -9,6 +9,7 @@ from nanoflow.autosearch.layout import COMPUTE, FINER_STRUCTURES, STAGE1_STRUCTU
 from nanoflow.autosearch.milp import configs_near, solve_structure
 from nanoflow.pipeline.profile_table import ProfileTable
 from nanoflow.pipeline.plan import SEQUENTIAL, Plan
+from nanoflow.pipeline.plan_choice import simulate_nano_ops
 
 
 # ---- sequential, checks, simulation --------------------------------------------------------------
@@ -73,33 +74,10 @@ def simulate_plan(plan: Plan, table: ProfileTable, mode: Mode | None = None, num
         if _slowed(metas[n.op.name]) and mode.kind != "stage1":
             t *= mode.iota
         dur[n] = t
-    queues: dict[int, list] = {}
-    for n in nodes:
-        queues.setdefault(n.stream, []).append(n)
-    heads = {s: 0 for s in queues}
-    running: dict[int, list] = {}  # stream -> [node, remaining]
-    finish: dict = {}
-    now = 0.0
-    total = len(nodes)
-    while len(finish) < total:
-        for s, q in queues.items():
-            if s in running or heads[s] >= len(q):
-                continue
-            node = q[heads[s]]
-            if all(d in finish for d in node.deps):
-                running[s] = [node, dur[node]]
-        if not running:
-            raise ValueError(f"plan {plan.name!r}: simulation deadlock")
-        side_busy = any(s in side for s in running)
-        rates = {s: (1.0 - mode.phi if s not in side and side_busy else 1.0) for s in running}
-        dt = min(rem / max(rates[s], 1e-9) for s, (node, rem) in running.items())
-        now += dt
-        for s in list(running):
-            running[s][1] -= dt * rates[s]
-            if running[s][1] <= 1e-12:
-                finish[running[s][0]] = now
-                heads[s] += 1
-                del running[s]
+    try:
+        finish = simulate_nano_ops(nodes, dur, side, mode.phi)
+    except ValueError as exc:
+        raise ValueError(f"plan {plan.name!r}: {exc}") from None
     last = {}
     for n, t in finish.items():
         last[n.layer] = max(last.get(n.layer, 0.0), t)

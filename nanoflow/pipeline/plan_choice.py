@@ -155,7 +155,7 @@ class StepCostModel:
             if n.stream in side and n.op.resource == Resource.MEMORY:
                 t *= iota
             dur[n] = t
-        finish = _simulate(nodes, dur, side, phi)
+        finish = simulate_nano_ops(nodes, dur, side, phi)
         last: dict[int, float] = {}
         for n, t in finish.items():
             last[n.layer] = max(last.get(n.layer, 0.0), t)
@@ -167,8 +167,10 @@ def _scope(ops: list[Op], name: str) -> RowScope:
     return next((op.scope for op in ops if op.name == name), RowScope.ALL)
 
 
-def _simulate(nodes, dur: dict, side: set[int], phi: float) -> dict:
-    """Finish time of every nano-op: per-stream FIFO in issue order, each waiting for its deps."""
+def simulate_nano_ops(nodes, dur: dict, side: set[int], phi: float) -> dict:
+    """Finish time of every nano-op: per-stream FIFO in issue order, each waiting for its deps; while
+    an op of a `side` stream runs, the other streams progress at 1 - phi (durations `dur` include any
+    slow-down of the side ops themselves). Shared by plan choice and the autosearch's simulation."""
     queues: dict[int, list] = {}
     for n in nodes:
         queues.setdefault(n.stream, []).append(n)
