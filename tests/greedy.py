@@ -3,6 +3,8 @@ blocks, every request greedy with a fixed number of output tokens; afterwards th
 is checked and every block is back in the pool."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Callable
 
 from nanoflow import LLM, SamplingParams
@@ -26,3 +28,14 @@ def greedy_run(model, prompts: list[list[int]], max_tokens: int = 8, prepare: Ca
 
 def greedy_tokens(model, prompts: list[list[int]], max_tokens: int = 8, **engine_kw) -> list[list[int]]:
     return greedy_run(model, prompts, max_tokens, **engine_kw)[0]
+
+
+def plan_on_every_step(plan: str, directory: Path) -> str:
+    """Path of a copy of the built-in `plan` with min_attn_share 0, so it runs on every step (not only
+    on decode-heavy ones), written into `directory`."""
+    from nanoflow.pipeline.plan import load_plan
+    d = load_plan(plan).to_dict()
+    d["min_attn_share"] = 0.0
+    path = Path(directory) / f"{plan}-every-step.json"
+    path.write_text(json.dumps(d))
+    return str(path)

@@ -25,8 +25,7 @@ from nanoflow.models.presets import PRESETS
 from nanoflow.models.qwen_moe import QwenMoeForCausalLM
 from nanoflow.models.registry import model_class
 from nanoflow.pipeline.graphs import GraphSet
-from nanoflow.pipeline.plan import load_plan
-from tests.greedy import greedy_run
+from tests.greedy import greedy_run, plan_on_every_step
 from tests.test_model_parity import LOGITS_ATOL, _all_position_logits, _engine, _prompt
 from tests.tiny_checkpoints import make_checkpoint
 
@@ -41,13 +40,6 @@ def ckpts(tmp_path_factory):
 
 
 # ---- plans and graphs ---------------------------------------------------------------------------
-def _every_step(plan: str, tmp_path) -> str:
-    """The plan with min_attn_share 0, so it runs on every step (not only decode-heavy ones)."""
-    d = load_plan(plan).to_dict()
-    d["min_attn_share"] = 0.0
-    path = tmp_path / f"{plan}-every-step.json"
-    path.write_text(json.dumps(d))
-    return str(path)
 
 
 def _tokens(path, plan: str, prompts, graphs: bool = False) -> list[list[int]]:
@@ -68,9 +60,9 @@ def test_every_builtin_plan_and_the_graph_form_give_the_sequential_tokens(ckpts,
     prompts = [[rng.randrange(10, 500) for _ in range(rng.randrange(2, 25))] for _ in range(6)]
     reference = _tokens(ckpts[name], "sequential", prompts)
     for plan in ("overlap-2", "nano-4", "overlap-split"):
-        assert _tokens(ckpts[name], _every_step(plan, tmp_path), prompts) == reference, plan
+        assert _tokens(ckpts[name], plan_on_every_step(plan, tmp_path), prompts) == reference, plan
     assert _tokens(ckpts[name], "sequential", prompts, graphs=True) == reference
-    assert _tokens(ckpts[name], _every_step("overlap-2", tmp_path), prompts, graphs=True) == reference
+    assert _tokens(ckpts[name], plan_on_every_step("overlap-2", tmp_path), prompts, graphs=True) == reference
 
 
 def test_qk_norm_runs_in_rope_kv_write_and_declares_the_qkv_write():

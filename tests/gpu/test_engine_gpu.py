@@ -8,12 +8,11 @@
 from __future__ import annotations
 
 import gc
-import json
 
 import pytest
 import torch
 
-from tests.greedy import greedy_tokens
+from tests.greedy import greedy_tokens, plan_on_every_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -41,16 +40,6 @@ def sequential(ckpts, prompts):
     return {name: greedy_tokens(path, prompts, MAX_TOKENS, use_triton="on", **ENGINE) for name, path in ckpts.items()}
 
 
-def _every_step(plan: str, tmp_path) -> str:
-    """The plan with min_attn_share 0: it runs on every step, not only decode-heavy ones."""
-    from nanoflow.pipeline.plan import load_plan
-    d = load_plan(plan).to_dict()
-    d["min_attn_share"] = 0.0
-    path = tmp_path / f"{plan}-every-step.json"
-    path.write_text(json.dumps(d))
-    return str(path)
-
-
 @pytest.mark.parametrize("name", ["llama-gqa", "qwen2"])
 def test_triton_path_equals_torch_path(ckpts, prompts, sequential, name):
     torch_path = greedy_tokens(ckpts[name], prompts, MAX_TOKENS, use_triton="off", **ENGINE)
@@ -61,14 +50,15 @@ def test_triton_path_equals_torch_path(ckpts, prompts, sequential, name):
 @pytest.mark.parametrize("name", ["llama-gqa", "qwen2"])
 def test_plans_equal_sequential(ckpts, prompts, sequential, name, plan, tmp_path, monkeypatch):
     monkeypatch.setenv("NANOFLOW_CACHE_DIR", str(tmp_path / "no-profile"))  # no tuned plan choice
-    got = greedy_tokens(ckpts[name], prompts, MAX_TOKENS, use_triton="on", **{**ENGINE, "plan": _every_step(plan, tmp_path)})
+    got = greedy_tokens(ckpts[name], prompts, MAX_TOKENS, use_triton="on",
+                        **{**ENGINE, "plan": plan_on_every_step(plan, tmp_path)})
     assert got == sequential[name]
 
 
 def test_qwen2_overlap_in_cuda_graphs_equals_sequential(ckpts, prompts, sequential, tmp_path, monkeypatch):
     monkeypatch.setenv("NANOFLOW_CACHE_DIR", str(tmp_path / "no-profile"))
     got = greedy_tokens(ckpts["qwen2"], prompts, MAX_TOKENS, use_triton="on",
-                        **{**ENGINE, "enforce_eager": False, "plan": _every_step("overlap-2", tmp_path)})
+                        **{**ENGINE, "enforce_eager": False, "plan": plan_on_every_step("overlap-2", tmp_path)})
     assert got == sequential["qwen2"]
 
 
