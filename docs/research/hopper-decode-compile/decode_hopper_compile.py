@@ -122,6 +122,7 @@ def main():
         (True, 128, 4, 16, 2, 128, 128), (True, 128, 4, 64, 2, 128, 128), (True, 128, 4, 16, 2, 80, 128),
         (True, 64, 8, 16, 2, 128, 128), (True, 128, 4, 16, 4, 128, 64, True), (True, 128, 4, 16, 3, 80, 64, True),
         (True, 64, 8, 16, 4, 128, 64, True),
+        (False, 128, 4, 16, 4, 128, 64), (True, 128, 4, 16, 4, 128, 64),  # the 4-stage ring (bf16's old default)
     ]
     configs = [c if len(c) == 8 else (*c, False) for c in configs]  # last field: pipeline_pv
     configs = [(*c, False) for c in configs] + [(False, 128, 4, 16, 3, 128, 64, False, True),
