@@ -21,6 +21,7 @@ in the interpreter.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import triton
@@ -315,7 +316,13 @@ def combine(y: torch.Tensor, topk_weights: torch.Tensor, out: torch.Tensor,
 def _shared_memory_limit(device: torch.device) -> int:
     if device.type != "cuda":
         return SHARED_MEMORY_LIMIT
-    props = torch.cuda.get_device_properties(device)
+    return _cuda_shared_memory_limit(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_shared_memory_limit(index: int) -> int:
+    """Read once per device: moe_experts asks on every eager call."""
+    props = torch.cuda.get_device_properties(index)
     return int(getattr(props, "shared_memory_per_block_optin", SHARED_MEMORY_LIMIT))
 
 
