@@ -4,6 +4,7 @@ tiny default model)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import random
 import warnings
 from types import SimpleNamespace
@@ -245,6 +246,19 @@ def test_cache_key_separates_shapes():
     a = cache.model_shape_hash(PRESETS["llama-3-8b"])
     assert a == cache.model_shape_hash(PRESETS["llama-3.1-8b"])  # same layer work, other rope
     assert a != cache.model_shape_hash(PRESETS["qwen2-7b"]) and a != cache.model_shape_hash(PRESETS["mistral-7b"])
+
+
+def test_cache_key_separates_expert_shapes():
+    """Two MoE models that differ only in their experts do different work per layer: no shared plan."""
+    base = PRESETS["mixtral-8x7b"]
+    keys = {cache.model_shape_hash(base)}
+    for change in (dict(num_local_experts=16), dict(num_experts_per_tok=1), dict(moe_intermediate_size=7168),
+                   dict(shared_expert_intermediate_size=4096)):
+        keys.add(cache.model_shape_hash(replace(base, **change)))
+    assert len(keys) == 5
+    # dense models hash as they did before the expert fields existed (their cached plans stay valid)
+    dense = {k: getattr(PRESETS["llama-3-8b"], k) for k in cache._SHAPE_FIELDS}
+    assert cache.model_shape_hash(dense) == cache.model_shape_hash(PRESETS["llama-3-8b"])
 
 
 def test_tune_cli_end_to_end_on_cpu(tmp_path, monkeypatch, capsys):

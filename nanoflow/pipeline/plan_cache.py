@@ -24,6 +24,9 @@ WORKLOAD_ENV = "NANOFLOW_PLAN_WORKLOAD"
 CACHE_FORMAT = 1
 _SHAPE_FIELDS = ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                  "num_attention_heads", "num_key_value_heads", "head_dim", "attention_bias")
+_MOE_SHAPE_FIELDS = ("num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
+                     "shared_expert_intermediate_size")
+"""Hashed only when set, so dense models keep the hashes (and cached plans) they had before MoE."""
 
 
 def cache_dir(directory: str | Path | None = None) -> Path:
@@ -38,6 +41,7 @@ def model_shape_hash(model_config) -> str:
     dummy preset of the same shape share plans."""
     d = model_config if isinstance(model_config, dict) else asdict(model_config)
     shape = {k: d.get(k) for k in _SHAPE_FIELDS}
+    shape.update({k: d[k] for k in _MOE_SHAPE_FIELDS if d.get(k)})
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
 
 
