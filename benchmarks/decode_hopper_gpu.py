@@ -83,12 +83,7 @@ FP8_CHECK_CONFIGS = {"t64": hopper.HopperDecodeConfig(fp8_tile_tokens=64),
 
 def parse_config(text: str) -> hopper.HopperDecodeConfig | None:
     """'default' (None: the kernel's own choice) or ctas_per_sm/stages/maxnreg[/fp8 tile tokens[/pipeline_pv]]."""
-    if text == "default":
-        return None
-    ctas, st, regs, *rest = (int(x) for x in text.split("/"))
-    return hopper.HopperDecodeConfig(stages=st, ctas_per_sm=ctas, max_registers=regs,
-                                     fp8_tile_tokens=rest[0] if rest else 64,
-                                     pipeline_pv=bool(rest[1]) if len(rest) > 1 else False)
+    return None if text == "default" else hopper.HopperDecodeConfig.parse(text)
 
 
 def section_check(args) -> dict:

@@ -96,6 +96,17 @@ class HopperDecodeConfig:
         if self.fp8_tile_tokens not in (64, 128):
             raise ValueError(f"fp8_tile_tokens must be 64 or 128, got {self.fp8_tile_tokens}")
 
+    @classmethod
+    def parse(cls, text: str) -> "HopperDecodeConfig":
+        """From 'ctas_per_sm/stages/max_registers[/fp8_tile_tokens[/pipeline_pv 0|1]]', e.g. '2/3/128'."""
+        parts = text.strip().split("/")
+        if not 3 <= len(parts) <= 5 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"a Hopper decode config is ctas_per_sm/stages/max_registers[/fp8_tile_tokens"
+                             f"[/pipeline_pv]] in whole numbers, e.g. 2/3/128; got {text!r}")
+        ctas, stages, regs, *rest = (int(p) for p in parts)
+        return cls(stages=stages, ctas_per_sm=ctas, max_registers=regs,
+                   fp8_tile_tokens=rest[0] if rest else 64, pipeline_pv=bool(rest[1]) if len(rest) > 1 else False)
+
     def tile_tokens(self, fp8: bool) -> int:
         """KV tokens per tile for this cache dtype."""
         return self.fp8_tile_tokens if fp8 else BLOCK_T
@@ -370,8 +381,24 @@ FP8_DEFAULT_CONFIG = HopperDecodeConfig()
 """The configuration an fp8 cache runs with when none is given (4 stages, about 85 KB at D=128: two CTAs fit)."""
 
 
+CONFIG_ENV = {True: "NANOFLOW_HOPPER_FP8_CONFIG", False: "NANOFLOW_HOPPER_BF16_CONFIG"}
+"""Environment variables that override the default per cache dtype (HopperDecodeConfig.parse's form),
+for tuning a new device end to end without editing the defaults."""
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed(text: str, variable: str) -> HopperDecodeConfig:
+    try:
+        return HopperDecodeConfig.parse(text)
+    except ValueError as err:
+        raise ValueError(f"{variable}: {err}") from None
+
+
 def default_config(fp8: bool) -> HopperDecodeConfig:
-    """The launch configuration used when none is given, per cache dtype."""
+    """The launch configuration used when none is given, per cache dtype (CONFIG_ENV overrides it)."""
+    text = os.environ.get(CONFIG_ENV[fp8], "").strip()
+    if text:
+        return _parsed(text, CONFIG_ENV[fp8])
     return FP8_DEFAULT_CONFIG if fp8 else BF16_DEFAULT_CONFIG
 
 

@@ -128,6 +128,26 @@ def test_config_validation():
     assert (cfg.tile_tokens(fp8=True), cfg.tile_tokens(fp8=False)) == (128, hopper.BLOCK_T)
 
 
+def test_config_parse_and_environment_override(monkeypatch):
+    assert hopper.HopperDecodeConfig.parse("3/2/80/64/1") == hopper.HopperDecodeConfig(
+        stages=2, ctas_per_sm=3, max_registers=80, fp8_tile_tokens=64, pipeline_pv=True)
+    assert hopper.HopperDecodeConfig.parse(" 2/3/128 ") == hopper.HopperDecodeConfig(stages=3, max_registers=128)
+    for bad in ("", "2/3", "2/3/128/64/1/0", "a/3/128", "2/-3/128", "2/3/128/96"):
+        with pytest.raises(ValueError):
+            hopper.HopperDecodeConfig.parse(bad)
+    for fp8 in (False, True):
+        monkeypatch.delenv(hopper.CONFIG_ENV[fp8], raising=False)
+    assert hopper.default_config(True) is hopper.FP8_DEFAULT_CONFIG
+    assert hopper.default_config(False) is hopper.BF16_DEFAULT_CONFIG
+    monkeypatch.setenv(hopper.CONFIG_ENV[True], "4/2/64")
+    assert hopper.default_config(True) == hopper.HopperDecodeConfig.parse("4/2/64")
+    assert hopper.default_config(False) is hopper.BF16_DEFAULT_CONFIG  # each dtype has its own variable
+    assert hopper.num_programs_for(10, fp8=True) == 40
+    monkeypatch.setenv(hopper.CONFIG_ENV[False], "2/1/128")
+    with pytest.raises(ValueError, match="NANOFLOW_HOPPER_BF16_CONFIG"):
+        hopper.default_config(False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_scaled_fp8_cache_write_matches_reference(gen, dtype):
     """The KV writer with per-tensor scales: the fp8 cache holds k / k_scale and v / v_scale."""
