@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from nanoflow import LLM, EngineConfig
 from nanoflow.engine import kv_disk_tier
 from nanoflow.engine.kv_cache import KVCacheManager
-from nanoflow.engine.kv_disk_tier import DiskKVFile, DiskKVTier, DiskSlots
+from nanoflow.engine.kv_disk_tier import DiskKVFile, DiskKVTier
+from nanoflow.engine.slot_lru import SlotLRU
 from nanoflow.engine.kv_host_tier import HostKVTier
 from nanoflow.engine.prefix_cache import Node, PrefixHit
 from nanoflow.engine_args import engine_config_from_args
@@ -134,12 +135,12 @@ def test_a_disk_read_waits_for_the_save_still_filling_its_host_slot(tmp_path):
     disk.close()
 
 
-# ---- the disk-slot LRU ------------------------------------------------------------------------------
+# ---- the slot LRU (host and disk tiers) ------------------------------------------------------------------------------
 @settings(max_examples=150, deadline=None)
 @given(capacity=st.integers(1, 6),
        ops=st.lists(st.tuples(st.sampled_from(["put", "get", "forget"]), st.integers(0, 12)), max_size=60))
 def test_disk_slot_lru_keeps_capacity_and_forgets_evicted_keys(capacity, ops):
-    slots = DiskSlots(capacity)
+    slots = SlotLRU(capacity)
     model: list[int] = []  # keys, least recently used first
     where: dict[int, int] = {}
     for op, key in ops:

@@ -15,7 +15,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from nanoflow.engine.kv_cache import BlockPool, KVCacheError, KVCacheManager
 from nanoflow.engine.kv_disk_tier import DiskKVTier
-from nanoflow.engine.kv_host_tier import HostKVTier, HostSlots, _runs
+from nanoflow.engine.kv_host_tier import HostKVTier, _runs
+from nanoflow.engine.slot_lru import SlotLRU
 from nanoflow.engine.prefix_cache import PrefixTree
 from nanoflow.engine.request import PENDING_TOKEN, Request, RequestStatus
 from nanoflow.engine.scheduler import Scheduler, SchedulerConfig
@@ -121,10 +122,10 @@ def test_host_tier_round_trip_and_slot_lru():
     tier.load([1, 0], [0, 5])
     assert torch.equal(kv[:, :, 0], original[:, :, 1]) and torch.equal(kv[:, :, 5], original[:, :, 4])
     assert _runs([3, 4, 5, 9, 10, 2]) == [(0, 3, 3), (3, 9, 2), (5, 2, 1)]
-    slots = HostSlots(2)
-    assert slots.acquire("a") == (0, None) and slots.acquire("b") == (1, None)
-    slots.touch(0)
-    assert slots.acquire("c") == (1, "b")  # b was the least recently used
+    slots = SlotLRU(2)
+    assert slots.put("a") == (0, None) and slots.put("b") == (1, None)
+    slots.get("a")
+    assert slots.put("c") == (1, "b")  # b was the least recently used
     with pytest.raises(ValueError):
         HostKVTier(torch.zeros(2, 6, 4), 1)
 

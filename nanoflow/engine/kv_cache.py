@@ -18,7 +18,8 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from nanoflow.engine.kv_disk_tier import DiskKVTier
-from nanoflow.engine.kv_host_tier import MAX_BLOCKS_PER_COPY, CopyHandle, HostKVTier, HostSlots
+from nanoflow.engine.kv_host_tier import MAX_BLOCKS_PER_COPY, CopyHandle, HostKVTier
+from nanoflow.engine.slot_lru import SlotLRU
 from nanoflow.engine.prefix_cache import Node, PrefixHit, PrefixTree
 
 
@@ -156,7 +157,7 @@ class KVCacheManager:
         self.stats = PrefixCacheStats()
         self._seqs: dict[str, _Seq] = {}
         self.host: HostKVTier | None = None
-        self._host_slots: HostSlots | None = None
+        self._host_slots: SlotLRU | None = None
         self._host_enabled = False
         self.disk: DiskKVTier | None = None
         self._fences: dict[int, CopyHandle | None] = {}
@@ -236,7 +237,7 @@ class KVCacheManager:
                 if node.host_slot is None:
                     reads.append((node, block))
                 else:
-                    self._host_slots.touch(node.host_slot)
+                    self._host_slots.get(node)  # most recently used
                     loads.append((node.host_slot, block))
             seq.blocks.append(node.block)
         seq.blocks.extend(new)
@@ -331,7 +332,7 @@ class KVCacheManager:
         if self._seqs:
             raise KVCacheError("attach the host tier before any request")
         self.host = tier
-        self._host_slots = HostSlots(tier.num_slots)
+        self._host_slots = SlotLRU(tier.num_slots)
         self._host_enabled = self.enable_prefix_caching
 
     def attach_disk_tier(self, tier: DiskKVTier) -> None:
@@ -373,7 +374,7 @@ class KVCacheManager:
     def _take_host_slot(self, node: Node, keep: set[Node] | frozenset = frozenset()) -> int:
         """A host slot for `node`. The node the slot is taken from (LRU) is written to the disk tier
         when there is one and the slot holds its bytes (its save is issued and done), else forgotten."""
-        slot, evicted = self._host_slots.acquire(node)
+        slot, evicted = self._host_slots.put(node)
         if evicted is not None:
             evicted.host_slot = None
             fence = self._fences.get(slot)
@@ -470,9 +471,9 @@ class KVCacheManager:
                 node.block = None
                 self.pool.uncache(block)
         if self._host_slots is not None:
-            for slot, node in list(self._host_slots.items()):
+            for node, _ in self._host_slots.items():
                 node.host_slot = None
-                self._host_slots.release(slot)
+                self._host_slots.forget(node)
         if self.disk is not None:
             self.disk.clear()
         for node in list(self.tree.walk()):
@@ -514,7 +515,7 @@ class KVCacheManager:
                 raise KVCacheError(f"node owned by {node.owner}, which does not hold it")
         slots = {n.host_slot: n for n in nodes if n.host_slot is not None}
         if self._host_slots is not None:
-            listed = dict(self._host_slots.items())
+            listed = {s: n for n, s in self._host_slots.items()}
             if set(listed) != set(slots) or any(listed[s] is not n for s, n in slots.items()):
                 raise KVCacheError("host slots and the tree disagree")
         elif slots:

@@ -7,7 +7,7 @@ block there reads it back into a host slot, from where it is loaded to the devic
 The file: one per engine, `num_slots` fixed-size slots in the host tier's layout (one block across
 all layers, raw integer bytes, so bf16 / fp32 / fp8 blocks round-trip exactly), preallocated with
 posix_fallocate at start-up (a disk without the space fails then, with the directory named, not in
-the middle of a run) and mapped shared (torch.from_file). The slots form their own LRU (DiskSlots),
+the middle of a run) and mapped shared (torch.from_file). The slots form their own LRU (SlotLRU),
 keyed by the prefix tree's node of the block: the node is this engine's block hash made exact (the
 tree path from the root spells the whole token prefix, see prefix_cache.py), and it records its disk
 slot in `node.disk_slot` for the lookup. The file is a cache that lives and dies with the engine:
@@ -34,63 +34,16 @@ import os
 import shutil
 import tempfile
 import weakref
-from collections import OrderedDict
-from collections.abc import Hashable, Iterable
 
 import torch
 
 from nanoflow.engine.kv_host_tier import HostKVTier
 from nanoflow.engine.prefix_cache import Node, PrefixHit
+from nanoflow.engine.slot_lru import SlotLRU
 
 DISK_BYTES_PER_STEP = 256 << 20
 """Bytes the disk tier writes, and as many it reads, in one engine step at most (256 MiB: 128 blocks
 of Llama-3-8B with 16 tokens each)."""
-
-
-class DiskSlots:
-    """Disk slots keyed by block (any hashable key), least recently used first. Free slots are handed
-    out in order; when none is free, put() takes the least recently used key's slot."""
-
-    def __init__(self, num_slots: int):
-        if num_slots <= 0:
-            raise ValueError(f"num_slots must be positive, got {num_slots}")
-        self.num_slots = num_slots
-        self._free = list(range(num_slots - 1, -1, -1))  # pop() gives 0, 1, 2, ...
-        self._slot_of: OrderedDict[Hashable, int] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._slot_of)
-
-    def __contains__(self, key: Hashable) -> bool:
-        return key in self._slot_of
-
-    def get(self, key: Hashable) -> int | None:
-        """The key's slot (now the most recently used), or None."""
-        slot = self._slot_of.get(key)
-        if slot is not None:
-            self._slot_of.move_to_end(key)
-        return slot
-
-    def victim(self) -> Hashable | None:
-        """The key the next put() evicts (None while a slot is free)."""
-        return None if self._free else next(iter(self._slot_of))
-
-    def put(self, key: Hashable) -> tuple[int, Hashable | None]:
-        """A slot for a new key, and the key it was taken from (LRU eviction) or None."""
-        if key in self._slot_of:
-            raise KeyError(f"{key!r} already holds disk slot {self._slot_of[key]}")
-        if self._free:
-            slot, evicted = self._free.pop(), None
-        else:
-            evicted, slot = self._slot_of.popitem(last=False)
-        self._slot_of[key] = slot
-        return slot, evicted
-
-    def forget(self, key: Hashable) -> None:
-        self._free.append(self._slot_of.pop(key))
-
-    def items(self) -> Iterable[tuple[Hashable, int]]:
-        return list(self._slot_of.items())
 
 
 def _preallocate(fd: int, nbytes: int) -> None:
@@ -168,7 +121,7 @@ class DiskKVTier:
     def __init__(self, host: HostKVTier, num_slots: int, directory: str | None = None,
                  bytes_per_step: int = DISK_BYTES_PER_STEP):
         self.host = host
-        self.slots = DiskSlots(num_slots)
+        self.slots = SlotLRU(num_slots)
         self.file = DiskKVFile(tuple(host.buffer.shape[1:]), host.buffer.dtype, num_slots, directory)
         self.num_slots = num_slots
         self.blocks_per_step = max(1, bytes_per_step // host.block_bytes)

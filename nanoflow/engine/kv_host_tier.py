@@ -17,7 +17,6 @@ On CPU the same code runs with plain tensors and the copies are synchronous.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -178,36 +177,3 @@ class HostKVTier:
             self.close()
         except Exception:  # interpreter shutdown: the runtime may be gone already
             pass
-
-
-class HostSlots:
-    """Which node each host slot holds, least recently used first; free slots are handed out in order
-    so that consecutive saves land in consecutive slots (fewer, larger copies)."""
-
-    def __init__(self, num_slots: int):
-        self.num_slots = num_slots
-        self._free = list(range(num_slots - 1, -1, -1))  # pop() gives 0, 1, 2, ...
-        self._used: OrderedDict[int, object] = OrderedDict()
-
-    @property
-    def num_used(self) -> int:
-        return len(self._used)
-
-    def acquire(self, owner: object) -> tuple[int, object | None]:
-        """A slot for `owner`, and the owner it was taken from (LRU eviction) or None."""
-        if self._free:
-            slot, evicted = self._free.pop(), None
-        else:
-            slot, evicted = self._used.popitem(last=False)
-        self._used[slot] = owner
-        return slot, evicted
-
-    def touch(self, slot: int) -> None:
-        self._used.move_to_end(slot)
-
-    def release(self, slot: int) -> None:
-        del self._used[slot]
-        self._free.append(slot)
-
-    def items(self):
-        return self._used.items()
