@@ -66,6 +66,10 @@ class EngineConfig:
     """Form step i+1 on the CPU while the GPU runs step i (CUDA only)."""
     plan: str = "sequential"
     """Pipeline plan: 'sequential', 'auto' (cached plan from `nanoflow tune`), or a plan JSON file."""
+    plan_choice: str = "measured"
+    """Which steps a non-sequential plan runs: 'predicted' (where the tune profile, else the fixed rates
+    and the plan's min_attn_share, predict it wins) or 'measured' (those, kept only where timed steps of
+    the same shape confirm the win)."""
     max_waiting_requests: int = 100_000
     """Bound of the waiting queue (in sequences: a request with n = 4 takes 4 places); add_request raises
     QueueFullError past it."""
@@ -88,6 +92,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3"):
             raise ValueError(f"kv_cache_dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
+        if self.plan_choice not in ("measured", "predicted"):
+            raise ValueError(f"plan_choice must be measured or predicted, got {self.plan_choice!r}")
         if self.use_triton not in ("auto", "on", "off"):
             raise ValueError(f"use_triton must be auto, on or off, got {self.use_triton!r}")
         for name in ("max_num_batched_tokens", "max_model_len", "num_kv_blocks"):

@@ -14,7 +14,9 @@ def greedy_run(model, prompts: list[list[int]], max_tokens: int = 8, prepare: Ca
                **engine_kw) -> tuple[list[list[int]], LLM]:
     """(output tokens per prompt, the LLM). prepare(llm) runs before generating (e.g. to swap the
     runner's graphs); engine_kw override the defaults (dtype, device, block_size, num_kv_blocks)."""
-    kw = dict(dtype="float32", device="cpu", block_size=4, num_kv_blocks=256)
+    # 'predicted': a plan with min_attn_share 0 runs on every step (measured choice would let the
+    # timings of this machine decide which steps, and the tests compare tokens under the plan).
+    kw = dict(dtype="float32", device="cpu", block_size=4, num_kv_blocks=256, plan_choice="predicted")
     kw.update(engine_kw)
     llm = LLM(model=str(model), **kw)
     if prepare is not None:

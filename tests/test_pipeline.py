@@ -180,7 +180,7 @@ def test_min_attn_share_runs_other_steps_sequentially(ckpt, tmp_path):
         path = tmp_path / f"share{share}.json"
         path.write_text(json.dumps(d))
         llm = LLM(model=str(ckpt), dtype="float32", device="cpu", num_kv_blocks=256, block_size=4,
-                  max_num_batched_tokens=24, plan=str(path))
+                  max_num_batched_tokens=24, plan=str(path), plan_choice="predicted")
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                             SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == reference

@@ -136,8 +136,10 @@ class TimedRun:
     gpu_idle: dict | None = None
     """Device busy vs. idle time between steps (CUDA events around each step), on CUDA."""
     plan_steps: int | None = None
-    """Steps of this run under the (non-sequential) plan; the others ran sequentially because the
-    plan's min_attn_share did not apply. None when the engine does not count them."""
+    """Steps of this run under the (non-sequential) plan; the others ran sequentially (predicted or
+    measured to lose, see EngineConfig.plan_choice). None when the engine does not count them."""
+    plan_choice: dict | None = None
+    """Measured plan choice after the run (runner.plan_choice_summary): buckets timed, plan kept / vetoed."""
     host_load: dict | None = None
     """On CPU: CPU seconds of this process and of all others during the timed region (HostLoad)."""
     kv: dict | None = None
@@ -182,6 +184,7 @@ class TimedRun:
             "engine_stats": self.engine_stats,
             "gpu_idle": self.gpu_idle,
             "plan_steps": self.plan_steps,
+            "plan_choice": self.plan_choice,
             "host_load": self.host_load,
             "variant": self.variant,
             "kv": self.kv,

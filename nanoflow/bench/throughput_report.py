@@ -63,8 +63,12 @@ def format_table(result: dict) -> str:
                    f"(mean gap {idle['mean_idle_gap_ms']:.3f} ms over {idle['steps']} steps; CUDA events)")
     for run in (result, result.get("compare")):
         if run is not None and run.get("plan_steps") and run.get("steps"):
+            choice = run.get("plan_choice")
+            why = "predicted to lose" if not choice else (
+                f"predicted or measured to lose; timed buckets: plan kept in {choice['plan_kept']}, "
+                f"vetoed in {choice['plan_vetoed']} of {choice['judged']}")
             out.append(f"plan {run['plan']!r} ran on {run['plan_steps']} of {run['steps']['num_steps']} steps "
-                       "(the others sequentially: min_attn_share)")
+                       f"(the others sequentially: {why})")
     for run in (result, result.get("compare")):
         if run is not None and run.get("kv"):
             out.append(format_kv_reuse(f"nanoflow {run.get('variant') or run['plan']}", run["kv"]))

@@ -80,6 +80,7 @@ def timed_run(llm, plan: str, requests: list[BenchRequest], warmup: list[BenchRe
         expected_output_tokens=counts.expected_output_tokens,
         wall_s=wall, steps=steps, gemm=gemm, gpu_idle=gpu_idle,
         plan_steps=None if plan_steps_before is None else runner.plan_steps - plan_steps_before,
+        plan_choice=runner.plan_choice_summary() if hasattr(runner, "plan_choice_summary") else None,
         host_load=load.result.to_dict() if device.type == "cpu" and load.result is not None else None,
         engine_stats=dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else None,
         kv=kv_reuse(kv_before, kv_counters(stats), counts.input_tokens),

@@ -33,7 +33,8 @@ class StepMessage:
     decode_context_tokens: int
     block_table_width: int
     num_logits: int
-    force_plan: bool
+    run_plan: bool
+    """Rank 0's decision: the step runs the plan (else sequentially)."""
     plan: dict | None
     """The plan's JSON when it changed since the last step (None: keep the current one)."""
 
@@ -59,8 +60,9 @@ class TPModelRunner(ModelRunner):
     """ModelRunner whose forward runs on every rank of the group (rank 0 drives, workers follow)."""
 
     def __init__(self, model: LlamaForCausalLM, kv: KVCacheManager, token_budget: int, tp,
-                 kv_dtype: torch.dtype | None = None):
-        super().__init__(model, kv, token_budget, cuda_graphs=False, kv_dtype=kv_dtype)
+                 kv_dtype: torch.dtype | None = None, measured_plan_choice: bool = True):
+        super().__init__(model, kv, token_budget, cuda_graphs=False, kv_dtype=kv_dtype,
+                         measured_plan_choice=measured_plan_choice)
         self.tp = tp
         self._sent_executor = None
         """Rank 0: the executor whose plan the workers run."""
@@ -68,19 +70,22 @@ class TPModelRunner(ModelRunner):
         """Workers: executors by plan JSON."""
 
     # ---- rank 0 ---------------------------------------------------------------------------------
-    def forward(self, batch: ForwardBatch, force_plan: bool = False) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, run_plan: bool | None = None) -> torch.Tensor:
         try:
             self.tp.check_workers()
+            timed_key = None
+            if run_plan is None:  # decided here, sent to the workers: every rank runs the same plan
+                run_plan, timed_key = self.choose_plan(batch)
             plan = None
             if self.executor is not self._sent_executor:
                 plan = self.executor.plan.to_dict()
                 self._sent_executor = self.executor
             self.tp.send(StepMessage(list(batch.query_start_loc_cpu), batch.num_decode,
                                      batch.decode_context_tokens, batch.block_tables.shape[1],
-                                     batch.logits_indices.shape[0], force_plan, plan))
+                                     batch.logits_indices.shape[0], run_plan, plan))
             packed = torch.cat([getattr(batch, f).reshape(-1).to(torch.int64) for f in _INT_FIELDS])
             self.tp.broadcast(packed)
-            return super().forward(batch, force_plan)
+            return self._run(batch, run_plan, timed_key)
         except BaseException as exc:
             # The ranks are out of step (a worker may wait inside a collective, not for a message):
             # stop them now rather than let a later step pair its collectives with the wrong ones.
@@ -122,7 +127,7 @@ class TPModelRunner(ModelRunner):
             seq_lens=parts["seq_lens"].to(torch.int32), query_start_loc=parts["query_start_loc"].to(torch.int32),
             query_start_loc_cpu=list(m.query_start_loc), num_decode=m.num_decode,
             logits_indices=parts["logits_indices"], decode_context_tokens=m.decode_context_tokens)
-        super().forward(batch, m.force_plan)
+        super().forward(batch, m.run_plan)
 
     @torch.inference_mode()
     def _follow_calls(self, m: CallsMessage) -> None:

@@ -179,10 +179,12 @@ class LLMEngine:
         # The torch reference kernels sync with the host (not graph_safe): graphs need the Triton set.
         graphs = not self.config.enforce_eager and self.model.kernels.graph_safe
         if self.tp is None:
-            self.runner = ModelRunner(self.model, self.kv, token_budget, cuda_graphs=graphs, kv_dtype=kv_dtype)
+            self.runner = ModelRunner(self.model, self.kv, token_budget, cuda_graphs=graphs, kv_dtype=kv_dtype,
+                                      measured_plan_choice=config.plan_choice == "measured")
         else:  # rank 0 of a tensor-parallel group: each step also runs on the worker ranks
             from nanoflow.distributed.runner import TPModelRunner
-            self.runner = TPModelRunner(self.model, self.kv, token_budget, self.tp, kv_dtype=kv_dtype)
+            self.runner = TPModelRunner(self.model, self.kv, token_budget, self.tp, kv_dtype=kv_dtype,
+                                        measured_plan_choice=config.plan_choice == "measured")
         if self.config.kv_host_gb > 0:
             if self.tp is not None:  # the worker ranks follow rank 0's block tables, not its host copies
                 raise ValueError("kv_host_gb (the host KV tier) does not work with tensor_parallel_size > 1 yet")

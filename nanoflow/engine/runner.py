@@ -18,6 +18,7 @@ from nanoflow.models.llama import LlamaForCausalLM, StepState
 from nanoflow.pipeline.executor import PlanExecutor, make_executor
 from nanoflow.pipeline.graphs import GraphSet
 from nanoflow.pipeline.plan_choice import FixedRates, PlanChooser, StepCostModel, StepFeatures
+from nanoflow.pipeline.plan_feedback import MeasuredChoice, StepTimer
 
 logger = logging.getLogger(__name__)
 MAX_STEP_LOG = 200_000
@@ -57,7 +58,7 @@ def choose_num_blocks(model: LlamaForCausalLM, block_size: int, device: torch.de
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv: KVCacheManager, token_budget: int,
-                 cuda_graphs: bool = False, kv_dtype: torch.dtype | None = None):
+                 cuda_graphs: bool = False, kv_dtype: torch.dtype | None = None, measured_plan_choice: bool = True):
         self.model = model
         self.kv = kv
         self.device = model.device
@@ -86,6 +87,9 @@ class ModelRunner:
         """The device's profile table (nanoflow tune), or None: per-step plan choice (set_profile)."""
         self._cost: StepCostModel | None = None
         self._chooser: PlanChooser | None = None
+        self.measured_plan_choice = measured_plan_choice
+        """Predicted plan wins are confirmed by timed steps (EngineConfig.plan_choice 'measured')."""
+        self._timer = StepTimer(self.device)
         self.inputs = InputBatch(kv, self.device)
         """Persistent block tables and staging buffers of the step inputs."""
         self.graphs: GraphSet | None = None
@@ -129,19 +133,35 @@ class ModelRunner:
         return self.inputs.prepare(sched, prev_tokens)
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, force_plan: bool = False) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, run_plan: bool | None = None) -> torch.Tensor:
         """Runs the model on the batch; returns fp32 logits of the rows in batch.logits_indices.
-        A non-sequential plan runs on the steps its chooser predicts it wins (the profile), or with
-        no profile where its min_attn_share applies; force_plan runs it on every step. With CUDA
-        graphs the step replays its shape's graph (pipeline/graphs.py)."""
+        A non-sequential plan runs on the steps its chooser picks (choose_plan), or as run_plan says
+        when given. With CUDA graphs the step replays its shape's graph (pipeline/graphs.py)."""
+        timed_key = None
+        if run_plan is None:
+            run_plan, timed_key = self.choose_plan(batch)
+        return self._run(batch, run_plan, timed_key)
+
+    def choose_plan(self, batch: ForwardBatch) -> tuple[bool, tuple | None]:
+        """Whether the step runs the (non-sequential) plan: predicted from the profile (or the fixed
+        rates and min_attn_share) and, with measured plan choice, confirmed by timed steps; and the
+        decision bucket to time the step under (None: untimed)."""
+        for (key, ran_plan, work), ms in self._timer.done():
+            if self._chooser is not None and self._chooser.measured is not None:
+                self._chooser.measured.record(key, ran_plan, ms, work)
+        if self.executor.is_sequential():
+            return False, None
+        chooser = self._plan_chooser(self.executor)
+        return chooser.runs_plan(batch), chooser.last_key if chooser.measured is not None else None
+
+    def _run(self, batch: ForwardBatch, run_plan: bool, timed_key: tuple | None) -> torch.Tensor:
         executor = self.executor
-        ran_plan = False
-        if not executor.is_sequential():
-            if force_plan or self._plan_chooser(executor).runs_plan(batch):
-                ran_plan = True
-                self.plan_steps += 1
-            else:
-                executor = self.sequential
+        ran_plan = run_plan and not executor.is_sequential()
+        if ran_plan:
+            self.plan_steps += 1
+        elif not executor.is_sequential():
+            executor = self.sequential
+        started = self._timer.start() if timed_key is not None else None
         state = StepState(batch, self.workspace, self.kv_caches)
         graph = self.graphs is not None and not executor.record_timeline and self.graphs.can_run(executor, batch)
         if graph:
@@ -149,13 +169,28 @@ class ModelRunner:
         else:
             self.model.embed(state)
             executor.run([layer.ops for layer in self.model.layers], state)
+        if timed_key is not None:
+            self._timer.stop(started, (timed_key, ran_plan, self.step_work(batch)))
         self.step_log.append(StepRecord(batch.num_tokens, batch.num_decode, ran_plan, graph))
         return self.model.compute_logits(state)
 
     def _plan_chooser(self, executor: PlanExecutor) -> PlanChooser:
         if self._chooser is None or self._chooser.executor is not executor:
-            self._chooser = PlanChooser(executor, self._cost, self.attention_share)
+            measured = MeasuredChoice() if self.measured_plan_choice else None
+            self._chooser = PlanChooser(executor, self._cost, self.attention_share, measured)
         return self._chooser
+
+    def plan_choice_summary(self) -> dict | None:
+        """What measured plan choice saw (MeasuredChoice.summary), or None."""
+        if self._chooser is None or self._chooser.measured is None:
+            return None
+        return self._chooser.measured.summary()
+
+    def step_work(self, batch: ForwardBatch) -> float:
+        """The step's seconds of decode-attention KV reads and GEMMs at the fixed rates: the unit that
+        makes timed steps of one decision bucket comparable."""
+        return batch.decode_context_tokens * self._attn_s_per_context_token + \
+            batch.num_tokens * self._gemm_s_per_token
 
     @torch.inference_mode()
     def logits_of_rows(self, batch: ForwardBatch, rows: torch.Tensor) -> torch.Tensor:

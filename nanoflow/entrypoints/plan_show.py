@@ -73,10 +73,10 @@ def record_timeline(engine, wl, warmup: int = 2, plan=None) -> list[dict]:
     try:
         with dense_batch(engine, wl) as batch:
             for _ in range(max(0, warmup)):
-                runner.forward(batch, force_plan=True)
+                runner.forward(batch, run_plan=True)
             runner.executor.record_timeline = True
             try:
-                runner.forward(batch, force_plan=True)
+                runner.forward(batch, run_plan=True)
                 return runner.executor.timeline()
             finally:
                 runner.executor.record_timeline = False

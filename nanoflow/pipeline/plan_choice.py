@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from nanoflow.pipeline.executor import PlanExecutor, synthetic_batch
 from nanoflow.pipeline.ops import Op, Resource, RowScope
+from nanoflow.pipeline.plan_feedback import MeasuredChoice
 
 SIM_LAYERS = 8
 """Layers simulated; the rest of the model is extrapolated from the steady period."""
@@ -197,15 +198,26 @@ def simulate_nano_ops(nodes, dur: dict, side: set[int], phi: float) -> dict:
     return finish
 
 
+def decision_key(batch) -> tuple:
+    """The bucket a step's decision is cached (and timed) under: token, decode and context buckets."""
+    return (_bucket(batch.num_tokens), _bucket(batch.num_decode) if batch.num_decode else 0,
+            _context_bucket(batch.decode_context_tokens / batch.num_decode) if batch.num_decode else 0)
+
+
 class PlanChooser:
     """Whether a step runs under the plan (else sequentially): from the profile when there is one,
     else from the fixed rates and the plan's min_attn_share."""
 
-    def __init__(self, executor: PlanExecutor, cost: StepCostModel | None, fixed_share=None):
+    def __init__(self, executor: PlanExecutor, cost: StepCostModel | None, fixed_share=None,
+                 measured: MeasuredChoice | None = None):
         self.executor = executor
         self.cost = cost
         self.fixed_share = fixed_share
         """Callable(batch) -> decode-attention share at FixedRates (the runner's), without a profile."""
+        self.measured = measured
+        """Timings that confirm or veto the predicted wins (plan_feedback.py); None: prediction only."""
+        self.last_key: tuple | None = None
+        """The decision bucket of the last runs_plan() (the key its timing is recorded under)."""
         self._decisions: dict[tuple, bool] = {}
         self.predictions: dict[tuple, tuple[float, float]] = {}
         """(sequential ms, plan ms) per decision bucket (reports)."""
@@ -216,15 +228,19 @@ class PlanChooser:
         return self.cost is not None
 
     def runs_plan(self, batch) -> bool:
+        key = decision_key(batch)
+        self.last_key = key
+        predicted = self._predicted(batch, key)
+        return self.measured.decide(key, predicted) if self.measured is not None else predicted
+
+    def _predicted(self, batch, key: tuple) -> bool:
         if self.cost is None:
             if not self._warned:
                 self._warned = True
                 warnings.warn(f"plan {self.executor.name!r}: no profile of this device (`nanoflow tune`); steps "
                               f"choose the plan by fixed rates (4 TB/s, 750 TFLOP/s) and min_attn_share "
-                              f"{self.executor.plan.min_attn_share}", stacklevel=3)
+                              f"{self.executor.plan.min_attn_share}", stacklevel=4)
             return self.executor.plan.applies(self.fixed_share(batch))
-        key = (_bucket(batch.num_tokens), _bucket(batch.num_decode) if batch.num_decode else 0,
-               _context_bucket(batch.decode_context_tokens / batch.num_decode) if batch.num_decode else 0)
         decision = self._decisions.get(key)
         if decision is None:
             decision = self._decide(key)
