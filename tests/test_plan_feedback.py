@@ -43,6 +43,16 @@ def test_the_faster_arm_is_kept_after_alternating_samples(factor, kept):
     assert choice.summary() == {"buckets": 1, "judged": 1, "plan_kept": int(kept), "plan_vetoed": int(not kept)}
 
 
+def test_sampling_alternates_while_timings_are_still_pending():
+    """Async steps: the timings of the first decisions arrive later; sampling still alternates."""
+    choice = fb.MeasuredChoice()
+    first = [choice.decide(("p",), True) for _ in range(6)]
+    assert first == [True, False] * 3
+    for plan in first:
+        choice.record(("p",), plan, 5.0 if plan else 10.0, 1.0)
+    assert all(choice.decide(("p",), True) for _ in range(10))
+
+
 def test_time_is_compared_per_unit_of_work():
     """The plan's steps happen to be the big ones: raw times would veto it, times per work keep it."""
     choice = fb.MeasuredChoice()
@@ -69,7 +79,8 @@ def test_records_of_unknown_buckets_or_empty_work_are_ignored():
     choice.decide(("z",), True)
     choice.record(("z",), True, 5.0, 0.0)
     choice.record(("z",), True, 0.0, 1.0)
-    assert choice.summary()["buckets"] == 1 and choice.decide(("z",), True)  # still no plan sample
+    assert choice.summary()["buckets"] == 1
+    assert not choice._buckets[("z",)].plan  # neither record counted
 
 
 @settings(max_examples=60, deadline=None)

@@ -37,6 +37,9 @@ class _Arms:
     plan: collections.deque = field(default_factory=lambda: collections.deque(maxlen=WINDOW))
     sequential: collections.deque = field(default_factory=lambda: collections.deque(maxlen=WINDOW))
     since_check: int = 0
+    issued_plan: int = 0
+    issued_sequential: int = 0
+    """Sampling decisions made: timings come back a step or two later, so alternation counts these."""
 
     def plan_wins(self) -> bool:
         return statistics.median(self.plan) < statistics.median(self.sequential) * (1.0 - MARGIN)
@@ -55,7 +58,12 @@ class MeasuredChoice:
             return False
         arms = self._buckets.setdefault(key, _Arms())
         if len(arms.plan) < SAMPLES or len(arms.sequential) < SAMPLES:
-            return len(arms.plan) <= len(arms.sequential)  # alternate, plan first
+            plan = arms.issued_plan <= arms.issued_sequential  # alternate, plan first
+            if plan:
+                arms.issued_plan += 1
+            else:
+                arms.issued_sequential += 1
+            return plan
         wins = arms.plan_wins()
         arms.since_check += 1
         if arms.since_check >= RECHECK_EVERY:
