@@ -76,7 +76,7 @@ def main() -> int:
             for graphs in (False, True):
                 llm = LLM(model="default", dtype="float32", num_kv_blocks=1024, block_size=16, max_num_batched_tokens=256,
                           gpu_memory_utilization=0.5, enforce_eager=not graphs, plan=every_step(plan, tmp),
-                          async_scheduling=False)
+                          async_scheduling=False, plan_choice="predicted")
                 h, dev = host_ms_per_step(llm, args.reps)
                 info = next((p for p in llm.engine.runner.graphs.describe()
                              if p["plan"] != "sequential" or plan == "sequential"), {}) if graphs else {}

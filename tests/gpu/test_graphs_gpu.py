@@ -63,7 +63,7 @@ def test_attention_graph_forms_replay_with_new_counts(dtype):
 def _greedy(path: str, plan: str, prompts, enforce_eager: bool):
     from nanoflow import LLM, SamplingParams
     llm = LLM(model=path, dtype="float32", num_kv_blocks=512, block_size=16, max_num_batched_tokens=128,
-              gpu_memory_utilization=0.5, enforce_eager=enforce_eager, plan=plan)
+              gpu_memory_utilization=0.5, enforce_eager=enforce_eager, plan=plan, plan_choice="predicted")
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
                         use_tqdm=False)
