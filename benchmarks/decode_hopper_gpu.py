@@ -234,8 +234,7 @@ def main():
     ap.add_argument("--workloads", default="512:512:2048:16,512:512:2048:64,256:2048:4096:16")
     ap.add_argument("--variants", default="2/3/128,1/6/255,default",
                     help="bf16: 'default' or ctas_per_sm/stages/maxnreg (the first is the fp8 ratios' base)")
-    ap.add_argument("--fp8-variants", default="2/5/128,default,3/3/80,4/2/64,2/2/128/128,1/5/255/128,2/4/128/64/1,"
-                                              "3/2/80/64/1",
+    ap.add_argument("--fp8-variants", default="2/4/128,default,3/3/80,3/2/80,2/2/128/128,4/2/64/128",
                     help="fp8: 'default' or ctas_per_sm/stages/maxnreg[/tile tokens 64|128[/pipeline_pv 0|1]]")
     ap.add_argument("--split-kv", type=int, default=1, help="1: time the split-KV kernel too (the old path)")
     args = ap.parse_args()
