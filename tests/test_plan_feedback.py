@@ -53,6 +53,19 @@ def test_sampling_alternates_while_timings_are_still_pending():
     assert all(choice.decide(("p",), True) for _ in range(10))
 
 
+def test_a_new_context_bucket_starts_from_its_nearest_judged_neighbour():
+    choice = fb.MeasuredChoice()
+    for _ in range(2 * fb.SAMPLES):  # both sampled side by side (neither is seeded by the other)
+        for key, factor in (((64, 64, 10), 1.3), ((64, 64, 20), 0.7)):  # the plan loses at 10, wins at 20
+            plan = choice.decide(key, True)
+            choice.record(key, plan, (factor if plan else 1.0) * 5.0, 1.0)
+    assert not choice.decide((64, 64, 12), True)          # nearest is 10: vetoed without sampling
+    assert choice.decide((64, 64, 19), True)              # nearest is 20: kept
+    fresh = [choice.decide((128, 64, 12), True) for _ in range(2)]
+    assert fresh == [True, False]                         # other token bucket: sampled afresh
+    assert choice.summary()["judged"] == 4
+
+
 def test_time_is_compared_per_unit_of_work():
     """The plan's steps happen to be the big ones: raw times would veto it, times per work keep it."""
     choice = fb.MeasuredChoice()

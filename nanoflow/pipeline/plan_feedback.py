@@ -8,6 +8,8 @@ the faster by the median of each one's time per unit of work (the step's work at
 steps of other sizes in one bucket compare). Every RECHECK_EVERY decisions it times the other one
 once more, since a bucket's steps drift (contexts grow). Where the plan is predicted to lose,
 nothing is measured: the plan's gain must be predicted before it is tried (a veto, not a search).
+A new bucket starts from the timings of its nearest judged neighbour in context (contexts grow
+through the buckets; sampling each afresh would run a losing plan six times per bucket).
 
 Timings come back later (CUDA events are read once done, without a sync): `StepTimer`.
 """
@@ -56,7 +58,9 @@ class MeasuredChoice:
         """Whether the step of this bucket runs the plan."""
         if not predicted:
             return False
-        arms = self._buckets.setdefault(key, _Arms())
+        arms = self._buckets.get(key)
+        if arms is None:
+            arms = self._buckets[key] = self._seeded(key)
         if len(arms.plan) < SAMPLES or len(arms.sequential) < SAMPLES:
             plan = arms.issued_plan <= arms.issued_sequential  # alternate, plan first
             if plan:
@@ -70,6 +74,22 @@ class MeasuredChoice:
             arms.since_check = 0
             return not wins
         return wins
+
+    def _seeded(self, key: tuple) -> _Arms:
+        """A new bucket starts with the timings of the judged bucket nearest in context among those of
+        its token and decode buckets (the last key field is the context bucket): contexts grow through
+        the buckets, and re-sampling each one would run a losing plan six times per bucket. Its own
+        timings replace the seed (WINDOW), the re-checks see to that."""
+        near = [(abs(k[-1] - key[-1]), k) for k, a in self._buckets.items()
+                if k[:-1] == key[:-1] and len(a.plan) >= SAMPLES and len(a.sequential) >= SAMPLES]
+        if not near or not isinstance(key[-1], (int, float)):
+            return _Arms()
+        src = self._buckets[min(near)[1]]
+        arms = _Arms()
+        arms.plan.extend(src.plan)
+        arms.sequential.extend(src.sequential)
+        arms.issued_plan = arms.issued_sequential = SAMPLES
+        return arms
 
     def record(self, key: tuple, ran_plan: bool, ms: float, work: float) -> None:
         """One timed step of the bucket: `ms` of device time for `work` (any unit, the same for both)."""
