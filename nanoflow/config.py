@@ -44,6 +44,10 @@ class EngineConfig:
     kv_admission_ratio: float = 1.0
     """Admit a waiting request while the projected KV use of all running requests (prompt + max_tokens)
     stays under this fraction of the cache. Above 1.0 overcommits and relies on preemption."""
+    kv_admission: str = "reserve"
+    """How projected KV use is counted for admission: 'reserve' (every running request at prompt +
+    max_tokens at once) or 'peak' (NanoFlow's rule: the peak over future steps, with requests freeing
+    their blocks as they reach max_tokens; admits more when requests are at different stages)."""
     enable_prefix_caching: bool = True
     """Reuse the KV of full blocks whose token prefix an earlier request computed (the cached prefix
     skips its prefill); --no-enable-prefix-caching turns it off."""
@@ -123,6 +127,8 @@ class EngineConfig:
             raise ValueError("kv_disk_dir is set but the disk tier is off: pass --kv-disk-gb > 0 too")
         if self.kv_admission_ratio <= 0:
             raise ValueError(f"kv_admission_ratio must be positive, got {self.kv_admission_ratio}")
+        if self.kv_admission not in ("reserve", "peak"):
+            raise ValueError(f"kv_admission must be 'reserve' or 'peak', got {self.kv_admission!r}")
         if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int) \
                 or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")

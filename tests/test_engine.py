@@ -72,6 +72,32 @@ def test_same_tokens_under_preemption(ckpt):
     assert llm.engine.kv.pool.num_used == 0
 
 
+def test_peak_admission_same_tokens_more_requests_at_once(ckpt):
+    """kv_admission='peak' changes which requests share a step, never their tokens; with staggered
+    lengths it runs more of them at once than 'reserve' (and with exact lengths preempts none)."""
+    prompts = _prompts(6, seed=3)
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (4, 30, 6, 28, 8, 26)]
+    runs, peaks = [], []
+    for admission in ("reserve", "peak"):
+        llm = LLM(model=str(ckpt), dtype="float32", device="cpu", block_size=4, num_kv_blocks=40,
+                  kv_admission=admission, max_num_batched_tokens=64)
+        engine = llm.engine
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            engine.add_request(str(i), p, sp)
+        most, finished = 0, {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = out.outputs[0].token_ids
+            most = max(most, len(engine.scheduler.running))
+        assert engine.scheduler.stats.num_preemptions == 0
+        assert engine.kv.pool.num_used == 0
+        runs.append([finished[str(i)] for i in range(len(prompts))])
+        peaks.append(most)
+    assert runs[0] == runs[1]
+    assert peaks[1] > peaks[0], peaks
+
+
 def test_abort_frees_blocks_and_stream_outputs(ckpt):
     engine = LLMEngine(EngineConfig(model=str(ckpt), dtype="float32", device="cpu", num_kv_blocks=64))
     engine.add_request("a", [5, 6, 7, 8], SamplingParams(max_tokens=50, ignore_eos=True))

@@ -101,13 +101,14 @@ def test_preemption_frees_newest_and_recomputes():
     block_size=st.sampled_from([1, 2, 4, 8]),
     max_seqs=st.integers(1, 6),
     ratio=st.sampled_from([0.5, 1.0, 3.0]),
+    admission=st.sampled_from(["reserve", "peak"]),
     events=st.lists(st.tuples(st.integers(1, 20), st.integers(1, 12), st.booleans(), st.integers(0, 3)),
                     min_size=1, max_size=14),
 )
 def test_random_workloads_no_leak_no_starvation_budget_respected(
-        budget, num_blocks, block_size, max_seqs, ratio, events):
+        budget, num_blocks, block_size, max_seqs, ratio, admission, events):
     kv = KVCacheManager(num_blocks, block_size)
-    sched = Scheduler(SchedulerConfig(budget, max_seqs, ratio), kv)
+    sched = Scheduler(SchedulerConfig(budget, max_seqs, ratio, kv_admission=admission), kv)
     capacity = num_blocks * block_size
     pending = []
     for i, (prompt_len, max_tokens, abort, arrive_step) in enumerate(events):
@@ -143,3 +144,84 @@ def test_random_workloads_no_leak_no_starvation_budget_respected(
         assert req.status.finished
         if req not in aborted:
             assert len(req.output_token_ids) == req.max_tokens
+
+
+def _run_to_end(sched: Scheduler, requests: list[Request], arrivals: list[int]) -> dict[str, int]:
+    """Steps the scheduler until every request finished; returns each request's first scheduled step."""
+    started: dict[str, int] = {}
+    for step in itertools.count():
+        for req, at in zip(requests, arrivals):
+            if at == step:
+                sched.add(req)
+        out = sched.schedule()
+        assert not out.preempted, f"step {step}: {[r.request_id for r in out.preempted]} preempted"
+        for req, _ in out.scheduled:
+            started.setdefault(req.request_id, step)
+        sched.check_invariants()
+        simulate_step(sched, out)
+        if step >= max(arrivals) and not sched.has_unfinished():
+            return started
+        assert step < 5000, "a request starved"
+
+
+@pytest.mark.parametrize("admission", ["reserve", "peak"])
+def test_peak_admission_starts_a_request_before_the_running_one_ends(admission):
+    # 8 blocks of 4 tokens. a: 4 + 12 tokens (4 blocks at its end); b: 4 + 16 (5 blocks). Both at their
+    # largest at once would take 9 > 8, so 'reserve' starts b only once a is done; 'peak' starts b
+    # when a's last steps and b's first ones fit together (a has <= 4 steps left).
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    sched = Scheduler(SchedulerConfig(token_budget=64, max_num_seqs=4, kv_admission=admission), kv)
+    a, b = make_request(0, 4, 12), make_request(1, 4, 16)
+    started = _run_to_end(sched, [a, b], [0, 0])
+    a_done = 12  # a prefills at step 0 and decodes 11 more tokens: its last step is 11
+    if admission == "reserve":
+        assert started["r1"] == a_done
+    else:
+        assert 0 < started["r1"] < a_done
+    assert len(a.output_token_ids) == 12 and len(b.output_token_ids) == 16
+    assert kv.pool.num_used == 0
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    num_blocks=st.integers(6, 60),
+    block_size=st.sampled_from([1, 2, 4, 16]),
+    chunk=st.integers(1, 40),
+    events=st.lists(st.tuples(st.integers(1, 30), st.integers(1, 30), st.integers(0, 40)), min_size=1, max_size=16),
+)
+def test_peak_admission_never_preempts_when_lengths_are_exact(num_blocks, block_size, chunk, events):
+    """Requests that run to max_tokens, every decode scheduled each step (budget above the seats): the
+    peak projection bounds the real use, so no allocation fails."""
+    max_seqs = 8
+    kv = KVCacheManager(num_blocks, block_size)
+    sched = Scheduler(SchedulerConfig(token_budget=max_seqs + chunk, max_num_seqs=max_seqs, kv_admission="peak"), kv)
+    capacity = num_blocks * block_size
+    kept = [(p, m, at) for p, m, at in events if p + m <= capacity]
+    if not kept:
+        return
+    requests = [make_request(i, p, m) for i, (p, m, _) in enumerate(kept)]
+    _run_to_end(sched, requests, [at for _, _, at in kept])
+    assert all(len(r.output_token_ids) == r.max_tokens for r in requests)
+    assert kv.pool.num_used == 0
+
+
+def test_peak_admission_admits_more_requests_at_once_on_a_staggered_trace():
+    # Lengths spread like a chat trace: at the same pool, 'peak' keeps more requests running per step.
+    import random
+    rng = random.Random(0)
+    lengths = [(rng.randint(8, 64), rng.randint(8, 256)) for _ in range(120)]
+    mean_running = {}
+    for admission in ("reserve", "peak"):
+        kv = KVCacheManager(num_blocks=200, block_size=4)
+        sched = Scheduler(SchedulerConfig(token_budget=256, max_num_seqs=128, kv_admission=admission), kv)
+        for i, (p, m) in enumerate(lengths):
+            sched.add(make_request(i, p, m))
+        rows = steps = 0
+        while sched.has_unfinished():
+            out = sched.schedule()
+            assert not out.preempted
+            rows += out.num_decode
+            steps += 1
+            simulate_step(sched, out)
+        mean_running[admission] = rows / steps
+    assert mean_running["peak"] > 1.1 * mean_running["reserve"], mean_running

@@ -175,7 +175,8 @@ class LLMEngine:
             num_blocks = self.tp.agree_min(num_blocks)
         self.kv = KVCacheManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(
-            SchedulerConfig(token_budget, self.config.max_num_seqs, self.config.kv_admission_ratio), self.kv)
+            SchedulerConfig(token_budget, self.config.max_num_seqs, self.config.kv_admission_ratio,
+                            kv_admission=self.config.kv_admission), self.kv)
         # The torch reference kernels sync with the host (not graph_safe): graphs need the Triton set.
         graphs = not self.config.enforce_eager and self.model.kernels.graph_safe
         if self.tp is None:

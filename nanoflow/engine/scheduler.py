@@ -12,6 +12,8 @@ import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from nanoflow.engine.kv_cache import KVCacheManager
 from nanoflow.engine.request import Request, RequestStatus
 
@@ -27,6 +29,11 @@ class SchedulerConfig:
     max_deferred: int = 64
     """Most waiting requests passed over in one step because their next block is being computed
     (prefix caching); admission stops there until the next step."""
+    kv_admission: str = "reserve"
+    """'reserve': admit while every running request could be at its largest (prompt + max_tokens) at
+    once. 'peak': also admit while the peak of projected KV use over future steps fits, with each
+    decoding request growing one token per step and freeing its blocks when it reaches max_tokens
+    (requests that finish early only free sooner)."""
 
 
 @dataclass
@@ -173,6 +180,7 @@ class Scheduler:
         that wait for a block being computed)."""
         limit = self.config.kv_admission_ratio * self.kv.pool.num_blocks
         i = deferred = 0
+        peak: _PeakProjection | None = None  # built on the first request the reservation rule turns away
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[i]
             if req.num_pending_tokens:  # preempted with a token still on the device: next step
@@ -186,10 +194,15 @@ class Scheduler:
                 continue
             shared = sum(1 for node in hit.nodes if node.block is not None)
             projection = self._projection(req, shared)
-            if self.running and self._projected_blocks + projection > limit:
-                break
             cached = hit.num_tokens(self.kv.block_size)
             n = min(req.num_tokens - cached, budget)
+            if self.running and self._projected_blocks + projection > limit:
+                if self.config.kv_admission != "peak":
+                    break
+                if peak is None:
+                    peak = _PeakProjection(self.running, planned, self.kv.block_size)
+                if not peak.fits(req, cached + n, limit):
+                    break
             if not self.kv.admit(req, hit, cached + n):
                 break
             del self.waiting[i]
@@ -203,6 +216,8 @@ class Scheduler:
             self._projected_blocks += projection
             planned[req] = n
             budget -= n
+            if peak is not None:
+                peak.add(req, cached + n)
 
     def check_invariants(self) -> None:
         """Used by tests: KV accounting and the projection bookkeeping agree."""
@@ -217,3 +232,53 @@ class Scheduler:
         for r in self.waiting:
             if self.kv.block_ids(r.request_id):
                 raise AssertionError(f"waiting request {r.request_id} holds blocks")
+
+
+class _PeakProjection:
+    """Peak KV blocks of the running requests over future steps (the 'peak' admission rule).
+
+    After this step a decoding request holds `c` tokens and `r = max_total - c` more steps of growth:
+    at step t <= r it holds at most ceil((c + t) / block_size) blocks, after r none. A request still in
+    prefill counts at its largest for the whole horizon (its chunks may take any number of steps).
+    The use is largest just as a request reaches its end, so the peak is the maximum over t = r_k of
+    sum over requests with r >= r_k of (c + r_k) / block_size + 1."""
+
+    def __init__(self, running: list, planned: dict, block_size: int):
+        self.block_size = block_size
+        self.fixed = 0  # blocks of requests in prefill, held to the end
+        self.tokens: list[int] = []
+        self.steps: list[int] = []
+        for r in running:
+            self.add(r, r.num_computed_tokens + planned.get(r, 0))
+
+    def add(self, request, tokens_after_step: int) -> None:
+        total = request.max_total_tokens
+        if tokens_after_step < request.num_tokens:
+            self.fixed += -(-total // self.block_size)
+        else:
+            self.tokens.append(tokens_after_step)
+            self.steps.append(max(0, total - tokens_after_step))
+
+    def fits(self, request, tokens_after_step: int, limit: float) -> bool:
+        self.add(request, tokens_after_step)
+        peak = self._peak()
+        self._undo(request, tokens_after_step)
+        return peak <= limit
+
+    def _undo(self, request, tokens_after_step: int) -> None:
+        if tokens_after_step < request.num_tokens:
+            self.fixed -= -(-request.max_total_tokens // self.block_size)
+        else:
+            self.tokens.pop()
+            self.steps.pop()
+
+    def _peak(self) -> float:
+        if not self.tokens:
+            return float(self.fixed)
+        steps = np.asarray(self.steps, dtype=np.float64)
+        order = np.argsort(steps, kind="stable")
+        steps = steps[order]
+        tokens = np.asarray(self.tokens, dtype=np.float64)[order]
+        alive = np.arange(len(steps), 0, -1, dtype=np.float64)  # requests with r >= r_k (ties: the first counts all)
+        suffix = np.cumsum(tokens[::-1])[::-1]
+        return self.fixed + float(((suffix + steps * alive) / self.block_size + alive).max())
