@@ -246,7 +246,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="also run the same requests with prefix caching off (same engine) and report "
                              "the ratios of throughput and of prefill tokens computed")
     parser.add_argument("--compare-host-tier", action="store_true",
-                        help="also run the same requests with the host KV tier off (needs --kv-host-gb)")
+                        help="also run the same requests with the host KV tier off, and with it the disk tier "
+                             "behind it (needs --kv-host-gb)")
     parser.add_argument("--baseline", choices=["hf"], default=None,
                         help="also run transformers' static batched generate with the same weights")
     parser.add_argument("--hf-batch-size", type=int, default=d.hf_batch_size, help="requests per transformers generate call, left-padded (default %(default)s)")

@@ -55,7 +55,8 @@ class ThroughputOptions:
     compare_prefix_caching: bool = False
     """Also run the same requests with prefix caching off (same engine); the ratio on / off is reported."""
     compare_host_tier: bool = False
-    """Also run the same requests with the host KV tier off (same engine; needs kv_host_gb > 0)."""
+    """Also run the same requests with the host KV tier off (same engine; needs kv_host_gb > 0). The disk
+    tier sits behind the host tier, so it is off in that run too."""
     baseline: str | None = None
     """'hf': also run transformers' static batched generate with the same weights."""
     hf_batch_size: int = 64
