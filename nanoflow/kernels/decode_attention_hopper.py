@@ -85,7 +85,9 @@ class HopperDecodeConfig:
     pipeline_pv: bool = False
     """fp8: leave each tile's PV wgmma running under the next tile's QK product and V widening
     (P and the widened V double-buffered), so its latency leaves the per-tile chain. Broken: it wrote
-    NaN on an H100 (2026-12-07; tests/gpu/test_decode_hopper.py keeps a strict xfail), do not use."""
+    NaN on an H100 (2026-12-07; tests/gpu/test_decode_hopper.py keeps a strict xfail), do not use.
+    A suspect is fixed since, not yet run on a GPU: the stage was released before all warps had
+    widened its V (the fixed kernel compiles for sm_90a with Triton 3.6, no spills)."""
 
     def __post_init__(self):
         if not 2 <= self.stages <= 8:

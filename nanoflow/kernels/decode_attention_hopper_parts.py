@@ -139,7 +139,10 @@ if gluon is not None:
         """The fp8 consumer with tile k's PV wgmma left in flight until tile k+1's QK product is
         waited for: pbuf is [2, NP, BT] and v16buf [2 * NH, BT, 64] (tile k uses half k % 2); an
         item ending at tile k is written once that wait returns (at tile k+1, or after the loop).
-        The stage is released as soon as its K (QK done) and V (widened) are read."""
+        The stage is released once every warp has read its K (QK done) and widened its V: after the
+        barrier that publishes P (2026-12-07: it was released right after the QK wait, before that
+        barrier, a race with the producer's next TMA into the stage; the likely cause of the NaN the
+        GPU test found, fix not yet run on a GPU)."""
         NH: gl.constexpr = HEAD_DIM // 64
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, _NP, 32])
@@ -179,7 +182,6 @@ if gluon is not None:
                 v8 = vbuf.index(stage).slice(sp * 64, 64, dim=1).load(cvt_layout)
                 v16buf.index(buf * NH + sp).store(v8.to(gl.float16))
             s, acc0, acc1 = warpgroup_mma_wait(0, deps=(s, acc0, acc1))
-            mbarrier.arrive(empty.index(stage), count=1)
             if w_last:
                 slot1 = _finish_item(acc0, acc1, l_i, m_i, w_own, True, w_r, w_h, w_item, pid, slot1, out_ptr,
                                      part_o_ptr, part_ml_ptr, stride_or, stride_oh, out_scale, GROUP, HEAD_DIM,
@@ -195,6 +197,9 @@ if gluon is not None:
             pbuf.index(buf).store(gl.permute(p.to(gl.float16), (1, 0)))
             fence_async_shared()
             gl.thread_barrier()
+            # Release the stage only here: one thread arrives, and before this barrier other warps may
+            # still be widening this stage's V (the wgmma wait above does not synchronise warps).
+            mbarrier.arrive(empty.index(stage), count=1)
             alpha_o = gl.convert_layout(alpha, col_o)
             acc0 = acc0 * alpha_o[None, :]
             if NH == 2:
