@@ -326,3 +326,21 @@ class PrefixCacheMachine(RuleBasedStateMachine):
 TestPrefixCacheMachine = PrefixCacheMachine.TestCase
 TestPrefixCacheMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None,
                                            suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_disk_read_waits_for_a_save_a_queued_save_hid():
+    """Found by the state machine in CI (2026-12-07): a host slot with a save in flight was taken for a
+    queued save (which marks the slot 'not issued') and then for a disk read; the read did not wait for
+    the earlier save, which then landed on the bytes just read, and the device got the wrong block."""
+    m = PrefixCacheMachine()
+    m.setup(num_blocks=8, block_size=2, budget=3, ratio=1.0, host="delayed", host_slots=4, delay=3,
+            disk_slots=1, disk_budget=1)
+    for _ in range(5):
+        m.add_unrelated(tokens=[100])
+    m.add(cut=2, max_tokens=1, suffix=[], system=0)
+    m.add(cut=8, max_tokens=2, suffix=[40], system=2)
+    m.add_unrelated(tokens=[100])
+    m.add_unrelated(tokens=[100, 100])
+    m.add(cut=3, max_tokens=1, suffix=[], system=0)
+    m.accounting_holds()
+    m.teardown()

@@ -163,6 +163,10 @@ class KVCacheManager:
         self._fences: dict[int, CopyHandle | None] = {}
         """With a disk tier: the last copy into or out of each host slot (None: its save is queued, not
         issued, so the slot does not hold its node's bytes), which the host's accesses wait for."""
+        self._issued: dict[int, CopyHandle] = {}
+        """With a disk tier: the last copy issued into or out of each host slot. Unlike _fences, a queued
+        save does not hide it: a disk read into the slot waits for it (an earlier save still in flight
+        would otherwise land on top of the bytes just read)."""
         self._to_save: list[tuple[int, Node, int]] = []  # (held block, node, slot) waiting for flush()
         self._saving: list[tuple[CopyHandle, list[int]]] = []  # copies in flight and the blocks they hold
         self._late: list[tuple[object, _Seq]] = []  # finished requests waiting for their last token
@@ -391,7 +395,7 @@ class KVCacheManager:
         self.stats.blocks_loaded += len(blocks)
         if self.disk is not None:
             for s in slots:
-                self._fences[s] = handle
+                self._fences[s] = self._issued[s] = handle
 
     def _read_from_disk(self, reads: list[tuple[Node, int]]) -> None:
         """Reads disk-tier hits into host slots, then loads those to the hits' device blocks. A chunk
@@ -403,9 +407,9 @@ class KVCacheManager:
             slots = []
             for node, _ in chunk:
                 slot = self._take_host_slot(node, keep=unread)
-                fence = self._fences.get(slot)
-                if fence is not None:  # an earlier copy into or out of this slot must be finished
-                    fence.wait()
+                issued = self._issued.get(slot)
+                if issued is not None:  # an earlier copy into or out of this slot must be finished
+                    issued.wait()
                 self.disk.read(node, slot)
                 unread.discard(node)
                 slots.append(slot)
@@ -427,7 +431,7 @@ class KVCacheManager:
             self.stats.blocks_saved += len(blocks)
             if self.disk is not None:
                 for s in slots:
-                    self._fences[s] = handle
+                    self._fences[s] = self._issued[s] = handle
         self._poll_saves()
 
     def poll(self) -> None:
