@@ -182,3 +182,24 @@ def test_serve_multi_round_runs_turns_closed_loop(tmp_path, capsys):
             assert "multi-round: 4 of 4 turns sent" in capsys.readouterr().out
     finally:
         engine.shutdown()
+
+
+def test_throughput_compares_kv_admission_rules_in_one_engine(tmp_path, capsys):
+    # A pool of 32 blocks of 4 holds one long request (68 tokens: 17 blocks) at its largest: 'reserve'
+    # runs the long ones one after another, 'peak' starts the next while the first is still short.
+    path = tmp_path / "mix.csv"
+    path.write_text("ContextTokens,GeneratedTokens\n" + "".join(f"{a},{b}\n" for a, b in [(8, 60), (4, 2)] * 6))
+    result = run_throughput(model="default", device="cpu", workload=str(path), num_requests=12,
+                            warmup_requests=1, compare_kv_admission=True, use_tqdm=False, temperature=0.0,
+                            engine_args={"block_size": 4, "num_kv_blocks": 32})
+    printed = capsys.readouterr().out
+    assert result["variant"] == "kv admission reserve" and result["compare"]["variant"] == "kv admission peak"
+    assert result["exact_output_lengths"] and result["compare"]["exact_output_lengths"]
+    assert result["compare"]["steps"]["num_steps"] < result["steps"]["num_steps"]
+    assert result["compare"]["kv"]["num_preemptions"] == 0
+    assert "kv admission reserve / kv admission peak" in printed
+
+
+def test_compare_kv_admission_is_one_comparison_of_one():
+    with pytest.raises(ValueError, match="choose one comparison"):
+        run_throughput(model="default", device="cpu", compare_kv_admission=True, compare="overlap-2")

@@ -182,6 +182,22 @@ def test_peak_admission_starts_a_request_before_the_running_one_ends(admission):
     assert kv.pool.num_used == 0
 
 
+def test_admission_rule_switches_only_between_runs():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    sched = Scheduler(SchedulerConfig(token_budget=64, max_num_seqs=4), kv)
+    with pytest.raises(ValueError, match="must be 'reserve' or 'peak'"):
+        sched.set_kv_admission("greedy")
+    a, b = make_request(0, 4, 12), make_request(1, 4, 16)
+    sched.add(a)
+    with pytest.raises(ValueError, match="while requests are waiting"):
+        sched.set_kv_admission("peak")
+    sched.finish(a, RequestStatus.FINISHED_ABORTED)
+    sched.set_kv_admission("peak")
+    assert sched.config.kv_admission == "peak"
+    started = _run_to_end(sched, [make_request(0, 4, 12), b], [0, 0])
+    assert 0 < started["r1"] < 12  # the peak rule's start (see the test above)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     num_blocks=st.integers(6, 60),

@@ -3,7 +3,7 @@
 One process: build the engine, warm up (excluded), measure the GEMM peak right before the timed run,
 time `llm.generate` over all requests, then optionally the same requests under another plan
 (`--compare`), with prefix caching or the host tier off (`--compare-prefix-caching`,
-`--compare-host-tier`), and through transformers' static batched `generate` with the same weights
+`--compare-host-tier`), under the other KV admission rule (`--compare-kv-admission`), and through transformers' static batched `generate` with the same weights
 (`--baseline hf`). Every timed run starts with an empty prefix cache; multi-round workloads run their
 conversations closed-loop (bench/conversations.py).
 
@@ -67,23 +67,25 @@ def run_throughput(**kwargs) -> dict:
     kv_variant = _kv_variant(opts)
     num_gpus = int(opts.engine_args.get("tensor_parallel_size", 1))
     main = timed_run(llm, opts.plan, requests, warmup, opts, device, dtype)
-    main.variant = kv_variant and f"{kv_variant} on"
+    main.variant = kv_variant and kv_variant[1]
     runs = {"main": main.metrics(num_params, num_gpus)}
     print_run("nanoflow", runs["main"])
     if kv_variant is not None:
         if opts.compare_prefix_caching:
             llm.engine.kv.set_prefix_caching(False)
-        else:
+        elif opts.compare_host_tier:
             llm.engine.kv.set_host_tier_enabled(False)
+        else:
+            llm.engine.set_kv_admission(_other_admission(opts))
         compared = timed_run(llm, opts.plan, requests, warmup, opts, device, dtype)
-        compared.variant = f"{kv_variant} off"
+        compared.variant = kv_variant[2]
         runs["compare"] = compared.metrics(num_params, num_gpus)
         runs["compare"]["ratio"] = runs["main"]["total_tokens_per_s"] / runs["compare"]["total_tokens_per_s"]
-        runs["compare"]["ratio_means"] = f"total tokens/s with {kv_variant} on / off"
+        runs["compare"]["ratio_means"] = f"total tokens/s, {kv_variant[1]} / {kv_variant[2]}"
         on, off = runs["main"]["kv"], runs["compare"]["kv"]
         if on and off and on["prefill_tokens_computed"]:
             runs["compare"]["prefill_ratio"] = off["prefill_tokens_computed"] / on["prefill_tokens_computed"]
-        print_run(f"nanoflow ({kv_variant} off)", runs["compare"])
+        print_run(f"nanoflow ({kv_variant[2]})", runs["compare"])
     if opts.compare is not None:
         if hasattr(llm, "set_plan"):
             llm.set_plan(opts.compare)
@@ -190,10 +192,20 @@ def _warmup_requests(workload: Workload, opts: ThroughputOptions, vocab_size: in
     return [dataclasses.replace(r, output_len=min(r.output_len, WARMUP_MAX_OUTPUT_TOKENS)) for r in sample]
 
 
-def _kv_variant(opts: ThroughputOptions) -> str | None:
+def _kv_variant(opts: ThroughputOptions) -> tuple[str, str, str] | None:
+    """(what is compared, the main run's label, the compared run's label), or None."""
     if opts.compare_prefix_caching:
-        return "prefix caching"
-    return "host tier" if opts.compare_host_tier else None
+        return "prefix caching", "prefix caching on", "prefix caching off"
+    if opts.compare_host_tier:
+        return "host tier", "host tier on", "host tier off"
+    if opts.compare_kv_admission:
+        main = opts.engine_args.get("kv_admission", "reserve")
+        return "kv admission", f"kv admission {main}", f"kv admission {_other_admission(opts)}"
+    return None
+
+
+def _other_admission(opts: ThroughputOptions) -> str:
+    return "reserve" if opts.engine_args.get("kv_admission", "reserve") == "peak" else "peak"
 
 
 def _model_dtype_device(llm) -> tuple[torch.dtype, torch.device]:
@@ -248,6 +260,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--compare-host-tier", action="store_true",
                         help="also run the same requests with the host KV tier off, and with it the disk tier "
                              "behind it (needs --kv-host-gb)")
+    parser.add_argument("--compare-kv-admission", action="store_true",
+                        help="also run the same requests under the other KV admission rule (same engine): "
+                             "'peak' against the default 'reserve', or 'reserve' with --kv-admission peak")
     parser.add_argument("--baseline", choices=["hf"], default=None,
                         help="also run transformers' static batched generate with the same weights")
     parser.add_argument("--hf-batch-size", type=int, default=d.hf_batch_size, help="requests per transformers generate call, left-padded (default %(default)s)")
@@ -290,7 +305,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len, plan=args.plan, compare=args.compare, baseline=args.baseline,
             compare_prefix_caching=args.compare_prefix_caching, compare_host_tier=args.compare_host_tier,
-            hf_batch_size=args.hf_batch_size, hf_num_requests=args.hf_num_requests,
+            compare_kv_admission=args.compare_kv_admission, hf_batch_size=args.hf_batch_size, hf_num_requests=args.hf_num_requests,
             warmup_requests=args.warmup_requests, busy_share_requests=args.busy_share_requests,
             temperature=args.temperature, output_json=args.output_json,
             trace_dir=args.trace_dir, engine_args=engine_args_from(args),

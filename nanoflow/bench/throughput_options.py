@@ -57,6 +57,9 @@ class ThroughputOptions:
     compare_host_tier: bool = False
     """Also run the same requests with the host KV tier off (same engine; needs kv_host_gb > 0). The disk
     tier sits behind the host tier, so it is off in that run too."""
+    compare_kv_admission: bool = False
+    """Also run the same requests under the other KV admission rule (same engine): 'peak' when the
+    main run uses 'reserve' (the default), else 'reserve'; the ratio main / other is reported."""
     baseline: str | None = None
     """'hf': also run transformers' static batched generate with the same weights."""
     hf_batch_size: int = 64
@@ -97,8 +100,10 @@ class ThroughputOptions:
                              "--tensor-parallel-size")
         if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
             raise ValueError(f"temperature must be a non-negative number, got {self.temperature!r}")
-        if sum([self.compare is not None, bool(self.compare_prefix_caching), bool(self.compare_host_tier)]) > 1:
-            raise ValueError("compare, compare_prefix_caching and compare_host_tier: choose one comparison")
+        if sum([self.compare is not None, bool(self.compare_prefix_caching), bool(self.compare_host_tier),
+                bool(self.compare_kv_admission)]) > 1:
+            raise ValueError("compare, compare_prefix_caching, compare_host_tier and compare_kv_admission: "
+                             "choose one comparison")
         if self.compare_prefix_caching and self.engine_args.get("enable_prefix_caching") is False:
             raise ValueError("compare_prefix_caching compares against caching on: drop --no-enable-prefix-caching")
         if self.compare_host_tier and not self.engine_args.get("kv_host_gb"):

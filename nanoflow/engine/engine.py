@@ -574,6 +574,12 @@ class LLMEngine:
         return dict(kv_disk_blocks_used=disk.num_used, kv_disk_blocks_total=disk.num_slots,
                     kv_disk_blocks_written=disk.blocks_written, kv_disk_blocks_read=disk.blocks_read)
 
+    def set_kv_admission(self, rule: str) -> None:
+        """Switches the KV admission rule ('reserve' or 'peak') while no request is in the engine."""
+        if self._inflight is not None:
+            raise ValueError("cannot switch the KV admission rule while a step is in flight")
+        self.scheduler.set_kv_admission(rule)
+
     def reset_prefix_cache(self) -> None:
         """Forgets every cached prefix no request is using (device, host and disk tiers)."""
         self.kv.reset_prefix_cache()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -86,6 +86,14 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def set_kv_admission(self, rule: str) -> None:
+        """Switches the admission rule between runs (benchmarks compare them on one engine)."""
+        if rule not in ("reserve", "peak"):
+            raise ValueError(f"kv_admission must be 'reserve' or 'peak', got {rule!r}")
+        if self.has_unfinished():
+            raise ValueError("cannot switch the KV admission rule while requests are waiting or running")
+        self.config = replace(self.config, kv_admission=rule)
 
     def finish(self, request: Request, status: RequestStatus) -> None:
         """Retire a request (stopped, length or aborted) and free its blocks at once."""
