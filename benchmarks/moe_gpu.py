@@ -4,6 +4,7 @@
     python benchmarks/moe_gpu.py --quick          # no tile sweep
     python benchmarks/moe_gpu.py --skip-model     # kernels and the tiny model only (an H100: 93 GB won't fit)
     python benchmarks/moe_gpu.py --json $OUT/moe_gpu.json
+    python benchmarks/moe_gpu.py --only tma       # the TMA path against the pointer kernels (~1-2 min)
 
 1. Tiny random Mixtral checkpoint (fp32 and bf16): greedy tokens of the Triton path == the torch path,
    and under CUDA graphs and the plans overlap-2 / nano-4 == eager sequential (fp32 must be equal;
@@ -24,6 +25,9 @@
    peak RSS growth < 2 GB) and without transient doubling (peak GPU memory of the load <= weight bytes
    + 1%); greedy tokens of sequential (CUDA graphs), sequential eager, overlap-2 and nano-4 (bf16:
    reported, lengths must be exact).
+--only tma: the TMA path (moe_gemm_tma) at real shapes only: rel err against the reference, bit-equal
+under an SM budget, and the whole op's ms against the pointer kernels with the same tiles; prints
+`tma verdict: faster|slower` (faster = at least 3% faster at >= 2048 tokens and no slower below).
 Exits 1 if a check fails. Prints tables; --json writes every number.
 """
 from __future__ import annotations
@@ -249,6 +253,38 @@ def sweep(rep: Report, w13, w2, gen) -> None:
     rep.data["sweep"] = rows
 
 
+def tma_path(rep: Report, w13, w2, gen) -> None:
+    """The TMA path against the pointer kernels, each with choose_configs' tiles (tma set both ways)."""
+    import dataclasses
+    print("\n== TMA path (moe_gemm_tma) vs pointer kernels, whole op (route sort + 3 launches), bf16")
+    print(f"{'T':>5} {'rel err':>9} {'ptr ms':>8} {'tma ms':>8} {'tma/ptr':>8}  tiles")
+    rows = []
+    for tokens in TOKENS:
+        x, w, ids = make_problem(tokens, False, gen)
+        up, down = mg.choose_configs(tokens * K / E)
+        ptr = (dataclasses.replace(up, tma=False), dataclasses.replace(down, tma=False))
+        tma = (dataclasses.replace(up, tma=True), dataclasses.replace(down, tma=True))
+        want = ref.moe_experts(x, w, ids, w13, w2)
+        try:
+            got = mg.moe_experts(x, w, ids, w13, w2, configs=tma)
+        except Exception as exc:  # a compile or launch failure on this Triton is a result too
+            rep.require(f"tma T={tokens} runs", False, f"{type(exc).__name__}: {str(exc)[:300]}")
+            break
+        err = rep.rel_err(got, want)
+        rep.require(f"tma T={tokens}", err < TOL, f"rel err {err:.2e}")
+        rep.require(f"tma T={tokens} sm_budget=66 == whole device",
+                    torch.equal(mg.moe_experts(x, w, ids, w13, w2, configs=tma, sm_budget=66), got))
+        ptr_ms = bench(lambda: mg.moe_experts(x, w, ids, w13, w2, configs=ptr))
+        tma_ms = bench(lambda: mg.moe_experts(x, w, ids, w13, w2, configs=tma))
+        print(f"{tokens:>5} {err:9.2e} {ptr_ms:8.3f} {tma_ms:8.3f} {tma_ms / ptr_ms:8.3f}  "
+              f"{up.describe()} / {down.describe()}", flush=True)
+        rows.append({"tokens": tokens, "rel_err": err, "ptr_ms": ptr_ms, "tma_ms": tma_ms})
+    faster = (bool(rows) and all(r["tma_ms"] <= 0.97 * r["ptr_ms"] for r in rows if r["tokens"] >= 2048)
+              and all(r["tma_ms"] <= 1.01 * r["ptr_ms"] for r in rows))
+    print(f"tma verdict: {'faster' if faster and not rep.failures else 'slower'}")
+    rep.data["tma"] = {"rows": rows, "faster": faster and not rep.failures}
+
+
 # ---- 5. the 93 GB dummy model ---------------------------------------------------------------------
 def model_checks(rep: Report) -> None:
     total = torch.cuda.get_device_properties(DEV).total_memory
@@ -315,6 +351,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="no tile sweep")
     parser.add_argument("--skip-model", action="store_true", help="no 93 GB model (kernels and tiny model only)")
     parser.add_argument("--json", default=None, help="write every number here")
+    parser.add_argument("--only", choices=["tma"], default=None, help="one section only")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
@@ -324,6 +361,13 @@ def main() -> int:
           f"{torch.__version__}, triton {triton.__version__}, {time.strftime('%Y-%m-%d')}")
     rep = Report()
     rep.data["device"] = props.name
+    if args.only == "tma":
+        gen = torch.Generator(device=DEV).manual_seed(0)
+        tma_path(rep, *expert_weights(gen), gen)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rep.data, indent=1))
+        print("\nFAILED:\n  " + "\n  ".join(rep.failures) if rep.failures else "\nOK")
+        return 1 if rep.failures else 0
     tiny_checks(rep)
     gen = torch.Generator(device=DEV).manual_seed(0)
     w13, w2 = expert_weights(gen)

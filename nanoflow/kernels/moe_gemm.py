@@ -15,18 +15,22 @@ that many programs (each loops over tiles pid, pid + P, ...), as the dense persi
 
 Rounding follows the reference (and transformers): gate and up rounded to x's dtype before silu, silu
 rounded, the product rounded; the down output rounded; each weighted term rounded, summed in fp32.
-Plain pointer loads only (no TMA, no tensor descriptors): the same code runs on Triton 3.6 and 3.9 and
-in the interpreter.
+These kernels use plain pointer loads: the same code runs on Triton 3.6 and 3.9 and in the interpreter.
+moe_gemm_tma holds a second path for Hopper (TMA descriptors, persistent, one flattened pipeline), taken
+when a config says tma=True or, for tma=None, when NANOFLOW_MOE_TMA=1 on an sm_90+ GPU: it is off by
+default until benchmarks/moe_gpu.py has measured it against these kernels on the H200.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+from nanoflow.kernels import moe_gemm_tma
 from nanoflow.kernels.moe_reference import moe_align
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -36,7 +40,9 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 class MoeGemmConfig:
     """One grouped GEMM's tiles: BLOCK_M rows (the alignment of every expert's rows; gate_up and down
     must agree on it), BLOCK_N output columns (gate_up: of each of gate and up), K step BLOCK_K, GROUP_M
-    row blocks walking a column of tiles together (they mostly share an expert: weights reused in L2)."""
+    row blocks walking a column of tiles together (they mostly share an expert: weights reused in L2).
+    tma: the TMA path (moe_gemm_tma) when True, the pointer kernels when False; None = TMA only where
+    NANOFLOW_MOE_TMA=1 on an sm_90+ GPU."""
 
     block_m: int = 64
     block_n: int = 64
@@ -44,6 +50,7 @@ class MoeGemmConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    tma: bool | None = None
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -54,8 +61,9 @@ class MoeGemmConfig:
             raise ValueError(f"group_m, num_warps and num_stages must be >= 1: {self}")
 
     def describe(self) -> str:
+        path = {None: "", True: " tma", False: " ptr"}[self.tma]
         return (f"{self.block_m}x{self.block_n}x{self.block_k} g={self.group_m} w={self.num_warps} "
-                f"st={self.num_stages}")
+                f"st={self.num_stages}{path}")
 
 
 def choose_configs(rows_per_expert: float) -> tuple[MoeGemmConfig, MoeGemmConfig]:
@@ -85,15 +93,15 @@ _SHARED_MEMORY_MARGIN = 16384  # Triton's epilogue and layout conversions take s
 
 
 def fit_shared_memory(config: MoeGemmConfig, element_bytes: int, weight_tiles: int,
-                      limit: int = SHARED_MEMORY_LIMIT) -> MoeGemmConfig:
+                      limit: int = SHARED_MEMORY_LIMIT, epilogue_bytes: int = 0) -> MoeGemmConfig:
     """`config` with fewer pipeline stages (down to 2), then a shorter K step (down to 16), until its
     stages fit `limit`: a tile chosen for bf16 needs twice the bytes in fp32. Each stage holds the
     block_m x block_k activations and `weight_tiles` (2 for gate_up, 1 for down) block_n x block_k
-    weight tiles."""
+    weight tiles; `epilogue_bytes` is what the epilogue keeps beside them (a TMA store's tile)."""
     def stage_bytes(c: MoeGemmConfig) -> int:
         return (c.block_m + weight_tiles * c.block_n) * c.block_k * element_bytes
 
-    budget = limit - _SHARED_MEMORY_MARGIN
+    budget = limit - _SHARED_MEMORY_MARGIN - epilogue_bytes
     while config.num_stages * stage_bytes(config) > budget:
         if config.num_stages > 2:
             config = dataclasses.replace(config, num_stages=config.num_stages - 1)
@@ -116,6 +124,12 @@ CANDIDATES = (
     MoeGemmConfig(128, 64, 64, num_warps=8, num_stages=4),
     MoeGemmConfig(128, 128, 64, num_warps=8, num_stages=3),
     MoeGemmConfig(128, 256, 64, num_warps=8, num_stages=3),
+    # The TMA path (persistent on the SMs, flattened pipeline); its stages share the SM with the
+    # gate_up epilogue tile.
+    MoeGemmConfig(64, 128, 64, num_warps=4, num_stages=4, tma=True),
+    MoeGemmConfig(128, 128, 64, num_warps=8, num_stages=3, tma=True),
+    MoeGemmConfig(128, 128, 64, num_warps=8, num_stages=4, tma=True),
+    MoeGemmConfig(128, 256, 64, num_warps=8, num_stages=3, tma=True),
 )
 
 
@@ -247,6 +261,25 @@ def _grid(tiles: int, sm_budget: int | None) -> int:
     return max(1, tiles if sm_budget is None else min(tiles, sm_budget))
 
 
+def _persistent_grid(tiles: int, sm_budget: int | None, device: torch.device) -> int:
+    """The TMA path always loops: one program per SM of the budget (the whole device without one)."""
+    return max(1, min(tiles, sm_budget if sm_budget is not None else _num_sms(device)))
+
+
+def use_tma(config: MoeGemmConfig, *tensors: torch.Tensor) -> bool:
+    """Whether `config` runs on the TMA path for these operands (see MoeGemmConfig.tma)."""
+    if config.tma is not None:
+        if config.tma and not moe_gemm_tma.available():
+            raise ValueError("MoeGemmConfig(tma=True) needs triton.tools.tensor_descriptor (triton >= 3.4)")
+        if config.tma and not moe_gemm_tma.tma_compatible(*tensors):
+            raise ValueError("MoeGemmConfig(tma=True) needs 16-byte aligned bases and row strides")
+        return config.tma
+    device = tensors[0].device
+    return (os.environ.get("NANOFLOW_MOE_TMA", "0") == "1" and moe_gemm_tma.available()
+            and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+            and moe_gemm_tma.tma_compatible(*tensors))
+
+
 def _check(x, topk_weights, topk_ids, w_gate_up, w_down, out):
     if x.dim() != 2 or x.dtype not in _DTYPES:
         raise ValueError(f"x must be [T, H] in {_DTYPES}, got {tuple(x.shape)} {x.dtype}")
@@ -268,12 +301,17 @@ def _check(x, topk_weights, topk_ids, w_gate_up, w_down, out):
 
 def grouped_gate_up_silu(x: torch.Tensor, w_gate_up: torch.Tensor, sorted_ids: torch.Tensor,
                          block_expert: torch.Tensor, top_k: int, config: MoeGemmConfig,
-                         sm_budget: int | None = None) -> torch.Tensor:
-    """Launch 1: [B * block_m, I] = silu(gate) * up of every padded row (padding rows left unwritten)."""
+                         sm_budget: int | None = None, used: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch 1: [B * block_m, I] = silu(gate) * up of every padded row (padding rows left unwritten).
+    used: the TMA path's count of blocks in use ([1] int32 on the device), computed when None."""
     num_blocks = block_expert.numel()
     inter, hidden = w_gate_up.shape[1] // 2, x.shape[1]
-    h = torch.empty(num_blocks * config.block_m, inter, dtype=x.dtype, device=x.device)
     tiles = num_blocks * triton.cdiv(inter, config.block_n)
+    if use_tma(config, x, w_gate_up):
+        used = moe_gemm_tma.used_blocks(block_expert) if used is None else used
+        return moe_gemm_tma.gate_up_silu(x, w_gate_up, sorted_ids, block_expert, used, top_k, config,
+                                         _persistent_grid(tiles, sm_budget, x.device), _precision(x))
+    h = torch.empty(num_blocks * config.block_m, inter, dtype=x.dtype, device=x.device)
     _gate_up_silu_kernel[(_grid(tiles, sm_budget),)](
         x, w_gate_up, h, sorted_ids, block_expert, x.shape[0] * top_k, num_blocks, inter, hidden,
         x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h.stride(0),
@@ -284,12 +322,17 @@ def grouped_gate_up_silu(x: torch.Tensor, w_gate_up: torch.Tensor, sorted_ids: t
 
 
 def grouped_down(h: torch.Tensor, w_down: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor,
-                 num_assignments: int, config: MoeGemmConfig, sm_budget: int | None = None) -> torch.Tensor:
+                 num_assignments: int, config: MoeGemmConfig, sm_budget: int | None = None,
+                 used: torch.Tensor | None = None) -> torch.Tensor:
     """Launch 2: [T * k, H], row t * k + j = the down projection of that assignment's activation."""
     num_blocks = block_expert.numel()
     hidden, inter = w_down.shape[1], w_down.shape[2]
-    y = torch.empty(num_assignments, hidden, dtype=h.dtype, device=h.device)
     tiles = num_blocks * triton.cdiv(hidden, config.block_n)
+    if use_tma(config, h, w_down):
+        used = moe_gemm_tma.used_blocks(block_expert) if used is None else used
+        return moe_gemm_tma.down(h, w_down, sorted_ids, block_expert, used, num_assignments, config,
+                                 _persistent_grid(tiles, sm_budget, h.device), _precision(h))
+    y = torch.empty(num_assignments, hidden, dtype=h.dtype, device=h.device)
     _down_kernel[(_grid(tiles, sm_budget),)](
         h, w_down, y, sorted_ids, block_expert, num_assignments, num_blocks, hidden, inter,
         h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0),
@@ -317,6 +360,17 @@ def _shared_memory_limit(device: torch.device) -> int:
     if device.type != "cuda":
         return SHARED_MEMORY_LIMIT
     return _cuda_shared_memory_limit(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # the interpreter: a few looping programs
+    return _cuda_num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 @functools.cache
@@ -358,13 +412,17 @@ def moe_experts(
     up_cfg, down_cfg = configs or choose_configs(num_tokens * top_k / num_experts)
     if up_cfg.block_m != down_cfg.block_m:
         raise ValueError(f"gate_up and down configs must share block_m: {up_cfg.block_m} != {down_cfg.block_m}")
-    limit = _shared_memory_limit(x.device)
-    up_cfg = fit_shared_memory(up_cfg, x.element_size(), 2, limit)
-    down_cfg = fit_shared_memory(down_cfg, x.element_size(), 1, limit)
     x = x if x.stride(1) == 1 else x.contiguous()
     w_gate_up = w_gate_up if w_gate_up.stride(2) == 1 else w_gate_up.contiguous()
     w_down = w_down if w_down.stride(2) == 1 else w_down.contiguous()
+    limit = _shared_memory_limit(x.device)
+    up_tma = use_tma(up_cfg, x, w_gate_up)
+    # The TMA gate_up keeps its output tile in shared memory for the store.
+    up_cfg = fit_shared_memory(up_cfg, x.element_size(), 2, limit,
+                               up_cfg.block_m * up_cfg.block_n * x.element_size() if up_tma else 0)
+    down_cfg = fit_shared_memory(down_cfg, x.element_size(), 1, limit)
     sorted_ids, block_expert = moe_align(topk_ids, num_experts, up_cfg.block_m)
-    h = grouped_gate_up_silu(x, w_gate_up, sorted_ids, block_expert, top_k, up_cfg, sm_budget)
-    y = grouped_down(h, w_down, sorted_ids, block_expert, num_tokens * top_k, down_cfg, sm_budget)
+    used = moe_gemm_tma.used_blocks(block_expert) if up_tma or use_tma(down_cfg, x, w_down) else None
+    h = grouped_gate_up_silu(x, w_gate_up, sorted_ids, block_expert, top_k, up_cfg, sm_budget, used)
+    y = grouped_down(h, w_down, sorted_ids, block_expert, num_tokens * top_k, down_cfg, sm_budget, used)
     return combine(y, topk_weights, out, sm_budget)

@@ -16,6 +16,9 @@ from nanoflow.kernels import moe_reference as ref
 # Small tiles keep the interpreter fast; group_m=2 so the grouped order has several groups.
 SMALL = mg.MoeGemmConfig(16, 16, 16, group_m=2, num_warps=4, num_stages=2)
 WIDE_K = mg.MoeGemmConfig(16, 32, 32, group_m=1, num_warps=4, num_stages=2)
+# The TMA path (moe_gemm_tma): persistent programs, descriptor loads that clip at the operands' edges.
+SMALL_TMA = mg.MoeGemmConfig(16, 16, 16, group_m=2, num_warps=4, num_stages=2, tma=True)
+WIDE_TMA = mg.MoeGemmConfig(16, 32, 32, group_m=1, num_warps=4, num_stages=2, tma=True)
 
 
 def _weights(gen, experts, hidden, inter, dtype):
@@ -64,6 +67,44 @@ def test_token_counts_top_k_and_configs(gen, tokens, top_k, configs):
     w13, w2 = _weights(gen, experts, hidden, inter, torch.float32)
     w, ids = _routing(gen, tokens, experts, top_k, "uneven")
     check(x, w, ids, w13, w2, configs=configs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("skew", ["uniform", "zero-experts", "one-hot"])
+@pytest.mark.parametrize("configs", [(SMALL_TMA, SMALL_TMA), (WIDE_TMA, SMALL_TMA), (SMALL, WIDE_TMA)])
+def test_tma_path_matches_reference(gen, dtype, skew, configs):
+    """N = 40 and K = 48 are not multiples of the tiles: a tile past an expert's last weight row reads
+    the next expert's rows (or zeros past the last), which must land only in clipped columns."""
+    tokens, hidden, inter, experts, top_k = 21, 48, 40, 6, 2
+    x = randn(gen, tokens, hidden).to(dtype)
+    w13, w2 = _weights(gen, experts, hidden, inter, dtype)
+    w, ids = _routing(gen, tokens, experts, top_k, skew)
+    check(x, w, ids, w13, w2, configs=configs)
+
+
+@pytest.mark.parametrize("sm_budget", [1, 3, 1000])
+def test_tma_path_is_the_same_on_any_sm_budget(gen, sm_budget):
+    tokens, hidden, inter, experts = 19, 32, 24, 4
+    x = randn(gen, tokens, hidden, dtype=torch.float16)
+    w13, w2 = _weights(gen, experts, hidden, inter, torch.float16)
+    w, ids = _routing(gen, tokens, experts, 2, "uneven")
+    whole = mg.moe_experts(x, w, ids, w13, w2, configs=(SMALL_TMA, SMALL_TMA))
+    got = check(x, w, ids, w13, w2, configs=(SMALL_TMA, SMALL_TMA), sm_budget=sm_budget)
+    assert torch.equal(got, whole)
+
+
+def test_tma_path_is_chosen_by_config_or_environment(gen, monkeypatch):
+    x = randn(gen, 4, 32)
+    w13, _ = _weights(gen, 2, 32, 16, torch.float32)
+    assert mg.use_tma(SMALL_TMA, x, w13)
+    assert not mg.use_tma(mg.MoeGemmConfig(16, 16, 16, tma=False), x, w13)
+    monkeypatch.delenv("NANOFLOW_MOE_TMA", raising=False)
+    assert not mg.use_tma(SMALL, x, w13)  # off by default until measured on the GPU
+    monkeypatch.setenv("NANOFLOW_MOE_TMA", "1")
+    # tma=None takes it only on an sm_90+ GPU, never in the interpreter
+    assert mg.use_tma(SMALL, x, w13) == (DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] >= 9)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        mg.use_tma(SMALL_TMA, randn(gen, 4, 33)[:, :32], w13)
 
 
 @pytest.mark.parametrize("sm_budget", [1, 3, 1000])
