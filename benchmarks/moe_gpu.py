@@ -5,6 +5,7 @@
     python benchmarks/moe_gpu.py --skip-model     # kernels and the tiny model only (an H100: 93 GB won't fit)
     python benchmarks/moe_gpu.py --json $OUT/moe_gpu.json
     python benchmarks/moe_gpu.py --only tma       # the TMA path against the pointer kernels (~1-2 min)
+    python benchmarks/moe_gpu.py --only sweep --tokens 512,2048   # the tile sweep at those token counts
 
 1. Tiny random Mixtral checkpoint (fp32 and bf16): greedy tokens of the Triton path == the torch path,
    and under CUDA graphs and the plans overlap-2 / nano-4 == eager sequential (fp32 must be equal;
@@ -351,8 +352,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="no tile sweep")
     parser.add_argument("--skip-model", action="store_true", help="no 93 GB model (kernels and tiny model only)")
     parser.add_argument("--json", default=None, help="write every number here")
-    parser.add_argument("--only", choices=["tma"], default=None, help="one section only")
+    parser.add_argument("--only", choices=["tma", "sweep"], default=None, help="one section only")
+    parser.add_argument("--tokens", default=None, help="token counts for the grouped GEMM sections, e.g. 512,2048")
     args = parser.parse_args()
+    global TOKENS
+    if args.tokens:
+        TOKENS = tuple(int(t) for t in args.tokens.split(","))
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
         return 2
@@ -361,9 +366,9 @@ def main() -> int:
           f"{torch.__version__}, triton {triton.__version__}, {time.strftime('%Y-%m-%d')}")
     rep = Report()
     rep.data["device"] = props.name
-    if args.only == "tma":
+    if args.only is not None:
         gen = torch.Generator(device=DEV).manual_seed(0)
-        tma_path(rep, *expert_weights(gen), gen)
+        (tma_path if args.only == "tma" else sweep)(rep, *expert_weights(gen), gen)
         if args.json:
             Path(args.json).write_text(json.dumps(rep.data, indent=1))
         print("\nFAILED:\n  " + "\n  ".join(rep.failures) if rep.failures else "\nOK")
