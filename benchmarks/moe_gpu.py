@@ -27,7 +27,8 @@
    + 1%); greedy tokens of sequential (CUDA graphs), sequential eager, overlap-2 and nano-4 (bf16:
    reported, lengths must be exact).
 --only tma: the TMA path (moe_gemm_tma) at real shapes only: rel err against the reference, bit-equal
-under an SM budget, and the whole op's ms against the pointer kernels with the same tiles; prints
+under an SM budget, and the whole op's ms against the pointer kernels with the same tiles; the fused
+expert sort bit-equal to the torch sort end to end, and both sorts' ms; prints
 `tma verdict: faster|slower` (faster = at least 3% faster at >= 2048 tokens and no slower below).
 Exits 1 if a check fails. Prints tables; --json writes every number.
 """
@@ -255,10 +256,14 @@ def sweep(rep: Report, w13, w2, gen) -> None:
 
 
 def tma_path(rep: Report, w13, w2, gen) -> None:
-    """The TMA path against the pointer kernels, each with choose_configs' tiles (tma set both ways)."""
+    """The TMA path against the pointer kernels, each with choose_configs' tiles (tma set both ways),
+    and the fused expert sort (moe_align_fused) against the torch one it replaced."""
     import dataclasses
-    print("\n== TMA path (moe_gemm_tma) vs pointer kernels, whole op (route sort + 3 launches), bf16")
-    print(f"{'T':>5} {'rel err':>9} {'ptr ms':>8} {'tma ms':>8} {'tma/ptr':>8}  tiles")
+
+    from nanoflow.kernels.moe_align import moe_align_fused
+    print("\n== TMA path (moe_gemm_tma) vs pointer kernels, whole op (route sort + 3 launches), bf16;"
+          " expert sort: torch (~30 launches) vs fused (3)")
+    print(f"{'T':>5} {'rel err':>9} {'ptr ms':>8} {'tma ms':>8} {'tma/ptr':>8} {'sort torch':>10} {'fused':>7}  tiles")
     rows = []
     for tokens in TOKENS:
         x, w, ids = make_problem(tokens, False, gen)
@@ -266,6 +271,15 @@ def tma_path(rep: Report, w13, w2, gen) -> None:
         ptr = (dataclasses.replace(up, tma=False), dataclasses.replace(down, tma=False))
         tma = (dataclasses.replace(up, tma=True), dataclasses.replace(down, tma=True))
         want = ref.moe_experts(x, w, ids, w13, w2)
+        # the fused sort orders an expert's rows as the atomics fall: every output bit must stay
+        pointer = mg.moe_experts(x, w, ids, w13, w2, configs=ptr)
+        sorted_ids, block_expert = ref.moe_align(ids, E, up.block_m)
+        h = mg.grouped_gate_up_silu(x, w13, sorted_ids, block_expert, K, ptr[0])
+        y = mg.grouped_down(h, w2, sorted_ids, block_expert, tokens * K, ptr[1])
+        rep.require(f"fused sort T={tokens} == torch sort, bit for bit",
+                    torch.equal(mg.combine(y, w, torch.empty_like(x)), pointer))
+        sort_torch = bench(lambda: ref.moe_align(ids, E, up.block_m))
+        sort_fused = bench(lambda: moe_align_fused(ids, E, up.block_m))
         try:
             got = mg.moe_experts(x, w, ids, w13, w2, configs=tma)
         except Exception as exc:  # a compile or launch failure on this Triton is a result too
@@ -277,9 +291,10 @@ def tma_path(rep: Report, w13, w2, gen) -> None:
                     torch.equal(mg.moe_experts(x, w, ids, w13, w2, configs=tma, sm_budget=66), got))
         ptr_ms = bench(lambda: mg.moe_experts(x, w, ids, w13, w2, configs=ptr))
         tma_ms = bench(lambda: mg.moe_experts(x, w, ids, w13, w2, configs=tma))
-        print(f"{tokens:>5} {err:9.2e} {ptr_ms:8.3f} {tma_ms:8.3f} {tma_ms / ptr_ms:8.3f}  "
-              f"{up.describe()} / {down.describe()}", flush=True)
-        rows.append({"tokens": tokens, "rel_err": err, "ptr_ms": ptr_ms, "tma_ms": tma_ms})
+        print(f"{tokens:>5} {err:9.2e} {ptr_ms:8.3f} {tma_ms:8.3f} {tma_ms / ptr_ms:8.3f} {sort_torch:10.3f} "
+              f"{sort_fused:7.3f}  {up.describe()} / {down.describe()}", flush=True)
+        rows.append({"tokens": tokens, "rel_err": err, "ptr_ms": ptr_ms, "tma_ms": tma_ms,
+                     "sort_torch_ms": sort_torch, "sort_fused_ms": sort_fused})
     faster = (bool(rows) and all(r["tma_ms"] <= 0.97 * r["ptr_ms"] for r in rows if r["tokens"] >= 2048)
               and all(r["tma_ms"] <= 1.01 * r["ptr_ms"] for r in rows))
     print(f"tma verdict: {'faster' if faster and not rep.failures else 'slower'}")

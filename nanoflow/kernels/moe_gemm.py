@@ -1,7 +1,8 @@
 """Triton grouped GEMM of a mixture of experts (same function as moe_reference.moe_experts).
 
 The T*k (token, slot) assignments are sorted by expert into blocks of BLOCK_M rows, each block owned
-by one expert (moe_reference.moe_align; an expert's rows padded to whole blocks). Then three launches,
+by one expert (moe_align.moe_align_fused, three small launches; an expert's rows padded to whole
+blocks). Then three launches,
 each for all experts at once:
 1. gate_up: row block b of expert e gathers its tokens' rows of x and multiplies them by w_gate_up[e]
    with two accumulators (the gate rows n and the up rows I + n of the same output tile), and the
@@ -31,7 +32,7 @@ import triton
 import triton.language as tl
 
 from nanoflow.kernels import moe_gemm_tma
-from nanoflow.kernels.moe_reference import moe_align
+from nanoflow.kernels.moe_align import moe_align_fused
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -421,8 +422,7 @@ def moe_experts(
     up_cfg = fit_shared_memory(up_cfg, x.element_size(), 2, limit,
                                up_cfg.block_m * up_cfg.block_n * x.element_size() if up_tma else 0)
     down_cfg = fit_shared_memory(down_cfg, x.element_size(), 1, limit)
-    sorted_ids, block_expert = moe_align(topk_ids, num_experts, up_cfg.block_m)
-    used = moe_gemm_tma.used_blocks(block_expert) if up_tma or use_tma(down_cfg, x, w_down) else None
+    sorted_ids, block_expert, used = moe_align_fused(topk_ids, num_experts, up_cfg.block_m)
     h = grouped_gate_up_silu(x, w_gate_up, sorted_ids, block_expert, top_k, up_cfg, sm_budget, used)
     y = grouped_down(h, w_down, sorted_ids, block_expert, num_tokens * top_k, down_cfg, sm_budget, used)
     return combine(y, topk_weights, out, sm_budget)

@@ -1,4 +1,4 @@
-"""Offline build of the grouped MoE GEMM's TMA kernels for sm_90a with the GPU's Triton (3.6), no GPU:
+"""Offline build of the grouped MoE GEMM's TMA kernels and the fused expert sort for sm_90a with the GPU's Triton (3.6), no GPU:
 does each configuration compile, its shared memory, and whether the flattened loop kept
 TMA loads and wgmma (counts in the SASS).
 
@@ -18,22 +18,57 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def load_module():
+def load_module(name: str = "moe_gemm_tma"):
     try:
         import torch  # noqa: F401
         sys.path.insert(0, str(ROOT))
-        from nanoflow.kernels import moe_gemm_tma
-        return moe_gemm_tma
+        return importlib.import_module(f"nanoflow.kernels.{name}")
     except ImportError:
         pass
     torch = types.ModuleType("torch")
-    for name in ("bfloat16", "float16", "float32", "Tensor"):
-        setattr(torch, name, name)
+    for dtype in ("bfloat16", "float16", "float32", "int32", "Tensor"):
+        setattr(torch, dtype, dtype)
     sys.modules["torch"] = torch
-    spec = importlib.util.spec_from_file_location("moe_gemm_tma", ROOT / "nanoflow/kernels/moe_gemm_tma.py")
+    if name == "moe_align":  # it imports max_aligned_blocks from the reference module
+        for pkg in ("nanoflow", "nanoflow.kernels"):
+            mod = types.ModuleType(pkg)
+            mod.__path__ = []
+            sys.modules[pkg] = mod
+        ref = types.ModuleType("nanoflow.kernels.moe_reference")
+        ref.max_aligned_blocks = None
+        sys.modules[ref.__name__] = ref
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"nanoflow/kernels/{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def compile_align(mod):
+    """The three launches of moe_align_fused for Mixtral (8 experts) and a 128-expert model."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    out = []
+    for experts in (8, 128):
+        e_pad = max(16, triton.next_power_of_2(experts))
+        kernels = [
+            (mod._histogram_kernel, {"ids_ptr": "*i64", "counts_ptr": "*i32", "n": "i32"},
+             dict(NUM_EXPERTS=experts, E_PAD=e_pad, CHUNK=1024)),
+            (mod._plan_kernel, {"counts_ptr": "*i32", "start_ptr": "*i32", "block_expert_ptr": "*i32",
+                                "used_ptr": "*i32", "num_blocks": "i32"},
+             dict(NUM_EXPERTS=experts, E_PAD=e_pad, BLOCK_M=128, CHUNK_B=max(16, 8192 // e_pad))),
+            (mod._scatter_kernel, {"ids_ptr": "*i64", "start_ptr": "*i32", "cursor_ptr": "*i32",
+                                   "sorted_ptr": "*i32", "n": "i32"}, dict(CHUNK=1024)),
+        ]
+        for fn, sig, constexprs in kernels:
+            sig = dict(sig, **{k: "constexpr" for k in constexprs})
+            try:
+                triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                               target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+                out.append(f"{fn.__name__} E={experts}: ok")
+            except Exception as exc:
+                out.append(f"{fn.__name__} E={experts}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
+    return out
 
 
 def compile_one(mod, kernel: str, bm: int, bn: int, bk: int, warps: int, stages: int):
@@ -88,6 +123,9 @@ def main():
         md = k.metadata
         print(f"{kernel:<8} {bm}x{bn}x{bk:<5} {warps:>2} {stages:>2} {md.shared / 1024:8.1f}  "
               f"{sass_counts(k.asm['cubin'])}")
+    print("\nmoe_align_fused (nanoflow/kernels/moe_align.py):")
+    for line in compile_align(load_module("moe_align")):
+        print("  " + line)
 
 
 if __name__ == "__main__":
