@@ -38,9 +38,10 @@ def _same_layout(ids: torch.Tensor, experts: int, block_m: int) -> None:
     assert (got_sorted[tail] == n).all()
 
 
-@pytest.mark.parametrize("tokens, experts, top_k, block_m", [(1, 8, 2, 16), (37, 6, 2, 4), (700, 8, 2, 16),
-                                                               (50, 5, 3, 8), (9, 16, 1, 4), (300, 60, 4, 16),
-                                                               (2100, 8, 2, 128)])
+@pytest.mark.parametrize("tokens, experts, top_k, block_m", [
+    (1, 8, 2, 16), (37, 6, 2, 4), (700, 8, 2, 16), (50, 5, 3, 8), (9, 16, 1, 4),
+    (300, 60, 4, 16), (200, 128, 8, 16),  # Qwen2-MoE's 60 and Qwen3-MoE's 128 experts
+    (2100, 8, 2, 128)])
 def test_fused_align_matches_the_torch_sort(tokens, experts, top_k, block_m):
     g = torch.Generator().manual_seed(tokens)
     probs = torch.rand(tokens, experts, generator=g) * torch.linspace(0.2, 1.0, experts) ** 3
