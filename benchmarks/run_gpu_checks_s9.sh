@@ -10,7 +10,7 @@ timeout 150 python benchmarks/moe_gpu.py --only tma --json $OUT/moe_tma.json > $
 echo "moe tma rc=$?"; grep -v Warning $OUT/moe_tma.txt | tail -14
 timeout 170 python benchmarks/moe_gpu.py --only sweep --tokens 512,2048 --json $OUT/moe_sweep.json > $OUT/moe_sweep.txt 2>&1
 echo "moe sweep rc=$?"; grep -E "T=" $OUT/moe_sweep.txt | cut -c1-90
-timeout 110 python -m pytest -q -rxX tests/gpu/test_decode_hopper.py > $OUT/test_decode_hopper.txt 2>&1
+timeout 140 python -m pytest -q -rxX tests/gpu/test_decode_hopper.py tests/gpu/test_moe_gpu.py > $OUT/test_decode_hopper.txt 2>&1
 echo "test_decode_hopper rc=$?"; tail -8 $OUT/test_decode_hopper.txt
 OUT=$OUT timeout 120 python benchmarks/decode_hopper_gpu.py --section perf --split-kv 0 \
   --workloads 512:512:2048:16,256:2048:4096:16,1024:512:1024:16 --variants default --fp8-variants default,3/3/80 \
